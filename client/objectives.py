@@ -1,0 +1,148 @@
+"""Local training objectives, one small class each, registered by name (DomainBed style).
+
+Every objective implements ``loss``; the shared ``update`` takes one optimizer step.
+In a federation each hospital is one environment, so a per-client penalty summed by
+FedAvg is the multi-environment objective (e.g. IRMv1's sum of per-environment penalties).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+class ObjectiveParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Objective(ABC):
+    name: ClassVar[str]
+    Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
+
+    def __init__(self, params: ObjectiveParams, *, server_round: int) -> None:
+        self.params = params
+        self.server_round = server_round
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in OBJECTIVES:
+            raise TypeError(f"objective {cls.name!r} registered twice")
+        OBJECTIVES[cls.name] = cls
+
+    @property
+    def warmup_rounds(self) -> int:
+        """Rounds before the objective is fully in force; model selection skips them."""
+        return 0
+
+    @abstractmethod
+    def loss(
+        self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar to minimise on one mini-batch, and statistics to report."""
+
+    def validation_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """The objective itself on held-back data: what model selection minimises."""
+        model.eval()
+        loss, _ = self.loss(model, images, labels)
+        return loss.item()
+
+    def update(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> dict[str, float]:
+        loss, stats = self.loss(model, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return stats
+
+
+def irm_penalty(logits: torch.Tensor, labels: torch.Tensor, *, split_halves: bool = True) -> torch.Tensor:
+    """IRMv1: squared gradient of the risk w.r.t. a dummy classifier scale of 1.0.
+
+    ``split_halves``: the unbiased mini-batch form (DomainBed), the product of the gradients
+    on two halves of the batch; it can be negative. Off: the plain square, never negative,
+    which suits scoring a whole validation split.
+    """
+    scale = torch.ones((), requires_grad=True)
+    if not split_halves:
+        loss = F.binary_cross_entropy_with_logits(logits * scale, labels)
+        return torch.autograd.grad(loss, [scale], create_graph=True)[0] ** 2
+    loss_a = F.binary_cross_entropy_with_logits(logits[0::2] * scale, labels[0::2])
+    loss_b = F.binary_cross_entropy_with_logits(logits[1::2] * scale, labels[1::2])
+    grad_a = torch.autograd.grad(loss_a, [scale], create_graph=True)[0]
+    grad_b = torch.autograd.grad(loss_b, [scale], create_graph=True)[0]
+    return grad_a * grad_b
+
+
+class ERM(Objective):
+    """Empirical risk minimisation: plain binary cross-entropy."""
+
+    name = "erm"
+
+    def loss(self, model, images, labels):
+        risk = F.binary_cross_entropy_with_logits(model(images), labels)
+        return risk, {"risk": risk.item()}
+
+
+class IRMParams(ObjectiveParams):
+    penalty_weight: float = Field(1000.0, ge=0.0)
+    warmup_rounds: int = Field(5, ge=0)
+
+
+class IRMv1(Objective):
+    """Invariant risk minimisation (Arjovsky et al. 2019) with a warm-up.
+
+    During warm-up the penalty weight is 1 (the model first learns features); afterwards it
+    jumps to ``penalty_weight`` and the loss is rescaled by it so the step size stays sane.
+    """
+
+    name = "irm"
+    Params = IRMParams
+
+    @property
+    def warmup_rounds(self) -> int:
+        return self.params.warmup_rounds
+
+    def penalty_weight(self) -> float:
+        return self.params.penalty_weight if self.server_round > self.params.warmup_rounds else 1.0
+
+    def loss(self, model, images, labels):
+        logits = model(images)
+        risk = F.binary_cross_entropy_with_logits(logits, labels)
+        penalty = irm_penalty(logits, labels)
+        weight = self.penalty_weight()
+        total = (risk + weight * penalty) / max(weight, 1.0)
+        return total, {"risk": risk.item(), "penalty": penalty.item()}
+
+    def validation_loss(self, model, images, labels):
+        model.eval()
+        logits = model(images)
+        risk = F.binary_cross_entropy_with_logits(logits, labels)
+        penalty = irm_penalty(logits, labels, split_halves=False)
+        weight = self.penalty_weight()
+        return ((risk + weight * penalty) / max(weight, 1.0)).item()
+
+
+def validate_objective(name: str, params: dict[str, Any]) -> ObjectiveParams:
+    """Check an objective name and its parameters; raise ValueError with what is wrong."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; registered: {sorted(OBJECTIVES)}")
+    try:
+        return OBJECTIVES[name].Params.model_validate(params)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"bad parameters for objective {name!r}: {problems}") from None
+
+
+def build_objective(name: str, params: dict[str, Any], *, server_round: int) -> Objective:
+    return OBJECTIVES[name](validate_objective(name, params), server_round=server_round)

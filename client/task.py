@@ -1,0 +1,119 @@
+"""Pure PyTorch: the model, local training and evaluation. No Flower in this module."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.data import Split
+from common.metrics import binary_metrics
+
+if TYPE_CHECKING:
+    from client.objectives import Objective
+
+FEATURE_DIM = 64
+
+
+class ChestNet(nn.Module):
+    """A small CNN: ``features`` (the representation) then a linear ``head`` giving one logit.
+
+    No batch statistics: it stays usable with Opacus and with tiny or single-class batches.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, FEATURE_DIM), nn.ReLU(),
+        )
+        self.head = nn.Linear(FEATURE_DIM, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images)).squeeze(-1)
+
+
+def new_model(*, seed: int) -> ChestNet:
+    torch.manual_seed(seed)
+    return ChestNet()
+
+
+def state_to_numpy(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, v.detach().cpu().numpy()) for k, v in model.state_dict().items())
+
+
+def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        raise ValueError(
+            f"model arrays do not match: missing {sorted(set(expected) - set(state))}, "
+            f"unexpected {sorted(set(state) - set(expected))}"
+        )
+    tensors = OrderedDict()
+    for key, reference in expected.items():
+        value = np.asarray(state[key])
+        if value.shape != tuple(reference.shape):
+            raise ValueError(f"array {key!r} has shape {value.shape}, expected {tuple(reference.shape)}")
+        tensors[key] = torch.as_tensor(value, dtype=reference.dtype)
+    model.load_state_dict(tensors)
+
+
+def _as_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.as_tensor(split.images, dtype=torch.float32), torch.as_tensor(split.labels).float()
+
+
+def train_locally(
+    model: ChestNet,
+    split: Split,
+    objective: Objective,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    seed: int,
+) -> dict[str, float]:
+    """Run ``epochs`` passes of ``objective.update`` over shuffled mini-batches.
+
+    A fresh Adam per call: each round restarts the optimizer, which is also the restart
+    IRM needs when its penalty switches on at a round boundary.
+    """
+    images, labels = _as_tensors(split)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            if len(batch) < 2:  # a lone example gives no usable penalty estimate
+                continue
+            stats = objective.update(model, optimizer, images[batch], labels[batch])
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            steps += 1
+    return {key: value / max(steps, 1) for key, value in totals.items()} | {"steps": float(steps)}
+
+
+@torch.no_grad()
+def predict_scores(model: ChestNet, images: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
+    """Probabilities of label 1."""
+    model.eval()
+    tensor = torch.as_tensor(images, dtype=torch.float32)
+    outputs = [torch.sigmoid(model(tensor[i : i + batch_size])) for i in range(0, len(tensor), batch_size)]
+    return torch.cat(outputs).numpy() if outputs else np.zeros(0, dtype=np.float32)
+
+
+def evaluate(model: ChestNet, split: Split, objective: Objective | None = None) -> dict[str, float]:
+    """AUROC, accuracy and log-loss of the model on one split (and the objective's value)."""
+    metrics = binary_metrics(labels=split.labels, scores=predict_scores(model, split.images))
+    if objective is not None:
+        images, labels = _as_tensors(split)
+        metrics["objective"] = objective.validation_loss(model, images, labels) if len(labels) > 1 else float("nan")
+    return metrics

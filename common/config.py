@@ -1,0 +1,192 @@
+"""Scenario configuration: pydantic models, validated once when a scenario is loaded.
+
+A scenario names the hospitals (their acquisition and how strongly each shortcut tracks
+the label there), the training recipe and the federation. It is written in TOML; see
+``simulations/scenarios/default.toml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ConfounderName = Literal["tag", "denoising", "noise", "sex"]
+SiteRole = Literal["train", "heldout"]
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Acquisition(_Strict):
+    """How one hospital's scanner turns the scene into an image (label-independent)."""
+
+    gamma: float = Field(1.0, gt=0.1, le=5.0, description="contrast curve exponent")
+    brightness: float = Field(0.0, ge=-0.5, le=0.5)
+    blur_sigma: float = Field(0.0, ge=0.0, le=3.0, description="optical blur, pixels")
+    gaussian_noise: float = Field(0.02, ge=0.0, le=0.5, description="read-out noise std")
+    photon_count: float | None = Field(
+        None, gt=0, description="Poisson photon count at full intensity; None disables"
+    )
+
+
+class Site(_Strict):
+    """One hospital."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    role: SiteRole = "train"
+    n_samples: int = Field(1000, ge=40, le=200_000)
+    prevalence: float = Field(0.5, gt=0.0, lt=1.0, description="P(lesion) at this site")
+    correlation: float = Field(
+        ..., ge=0.0, le=1.0,
+        description="P(confounder state == label) for every active confounder; 0.5 = none",
+    )
+    acquisition: Acquisition = Acquisition()
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic", "medmnist"] = "synthetic"
+    medmnist_file: str | None = Field(
+        None, description="path to a MedMNIST .npz (binary labels) when source = 'medmnist'"
+    )
+    label_noise: float = Field(0.2, ge=0.0, lt=0.5, description="P(label != lesion)")
+    lesion_intensity: float = Field(0.3, gt=0.0, le=1.0)
+    confounders: tuple[ConfounderName, ...] = ("tag", "denoising", "noise")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.25, gt=0.0, lt=0.5)
+    sites: tuple[Site, ...] = Field(min_length=2)
+
+    @field_validator("confounders")
+    @classmethod
+    def _unique_confounders(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"confounders listed twice: {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> DataConfig:
+        names = [site.name for site in self.sites]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"site names must be unique, repeated: {duplicated}")
+        if sum(site.role == "train" for site in self.sites) < 2:
+            raise ValueError("a federation needs at least 2 sites with role = 'train'")
+        if self.source == "medmnist" and not self.medmnist_file:
+            raise ValueError("source = 'medmnist' needs medmnist_file")
+        if self.source == "medmnist" and "sex" in self.confounders:
+            raise ValueError("the 'sex' confounder changes simulated anatomy; real images cannot take it")
+        return self
+
+    @property
+    def train_sites(self) -> tuple[Site, ...]:
+        return tuple(s for s in self.sites if s.role == "train")
+
+
+class TrainingConfig(_Strict):
+    objective: str = "erm"
+    objective_params: dict[str, float] = Field(default_factory=dict)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(64, ge=2, le=4096)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _known_objective(self) -> TrainingConfig:
+        # Imported here: the registry lives with the client, the config must not import torch eagerly.
+        from client.objectives import validate_objective
+
+        validate_objective(self.objective, self.objective_params)
+        return self
+
+
+class FederationConfig(_Strict):
+    num_rounds: int = Field(20, ge=1, le=10_000)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    engine: Literal["ray", "inprocess"] = "ray"
+    round_timeout_s: float = Field(600.0, gt=0.0)
+
+
+class Scenario(_Strict):
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    federation: FederationConfig = FederationConfig()
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON form: identifies this exact configuration."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def with_overrides(self, **sections: dict[str, Any]) -> Scenario:
+        """A copy with some fields replaced, re-validated (e.g. ``training={"objective": "irm"}``)."""
+        raw = self.model_dump(mode="json")
+        for section, values in sections.items():
+            if isinstance(raw.get(section), dict):
+                raw[section].update(values)
+            else:
+                raw[section] = values
+        return Scenario.model_validate(raw)
+
+    def without_shortcuts(self) -> Scenario:
+        """The oracle's world: training sites whose confounders are independent of the label."""
+        raw = self.model_dump(mode="json")
+        for site in raw["data"]["sites"]:
+            if site["role"] == "train":
+                site["correlation"] = 0.5
+        return Scenario.model_validate(raw)
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"invalid scenario {origin}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  - {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_scenario(raw: dict[str, Any], *, origin: str = "<dict>") -> Scenario:
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as error:
+        raise ScenarioError(_format_validation_error(error, origin)) from None
+
+
+def load_scenario(source: str | Path | None = None) -> Scenario:
+    """Load a scenario from a TOML file, or a built-in one by name (``None`` = ``default``)."""
+    if source is None or (isinstance(source, str) and not source.endswith(".toml")):
+        name = source or "default"
+        try:
+            text = resources.files("simulations").joinpath(f"scenarios/{name}.toml").read_text()
+        except FileNotFoundError:
+            raise ScenarioError(
+                f"no built-in scenario named {name!r}; built-ins: {builtin_scenarios()}"
+            ) from None
+        origin = f"built-in '{name}'"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ScenarioError(f"scenario file not found: {path}")
+        text, origin = path.read_text(), str(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ScenarioError(f"scenario {origin} is not valid TOML: {error}") from None
+    return parse_scenario(raw, origin=origin)
+
+
+def builtin_scenarios() -> list[str]:
+    folder = resources.files("simulations").joinpath("scenarios")
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))

@@ -1,0 +1,89 @@
+"""The message schema between ServerApp and ClientApps, validated at both edges.
+
+Flower records carry flat key/value pairs; these pydantic models say which keys exist
+and what they may hold, so a malformed instruction fails loudly on arrival.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flwr.app import ConfigRecord
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.config import Scenario
+
+PROFILE_KEY = "profile"
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+EVAL_SPLITS = ("val", "test")
+
+
+class ProtocolError(ValueError):
+    """A message whose content does not follow the causalfed schema."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord | None) -> Any:
+        if record is None:
+            raise ProtocolError(f"message has no {cls.__name__} record")
+        try:
+            return cls.model_validate(dict(record))
+        except ValidationError as error:
+            raise ProtocolError(f"bad {cls.__name__}: {error}") from None
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(self.model_dump(by_alias=True))
+
+
+class SiteProfile(_Record):
+    """What a hospital tells the server about itself (no patient data)."""
+
+    site: str = Field(min_length=1)
+    role: str = Field(pattern="^(train|heldout)$")
+    num_train: int = Field(alias="num-train", ge=0)
+
+
+class TrainInstructions(_Record):
+    """The local recipe the server asks every training hospital to follow this round."""
+
+    server_round: int = Field(alias="server-round", ge=1)
+    objective: str
+    objective_params: str = Field(alias="objective-params", description="JSON object")
+    learning_rate: float = Field(alias="learning-rate", gt=0)
+    local_epochs: int = Field(alias="local-epochs", ge=1)
+    batch_size: int = Field(alias="batch-size", ge=2)
+    weight_decay: float = Field(alias="weight-decay", ge=0)
+    seed: int = Field(ge=0)
+
+    @classmethod
+    def for_scenario(cls, scenario: Scenario, *, server_round: int = 1) -> TrainInstructions:
+        training = scenario.training
+        return cls.model_validate({
+            "server-round": server_round,
+            "objective": training.objective,
+            "objective-params": json.dumps(training.objective_params, sort_keys=True),
+            "learning-rate": training.learning_rate,
+            "local-epochs": training.local_epochs,
+            "batch-size": training.batch_size,
+            "weight-decay": training.weight_decay,
+            "seed": scenario.seed,
+        })
+
+    def params(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self.objective_params)
+        except json.JSONDecodeError as error:
+            raise ProtocolError(f"objective-params is not JSON: {error}") from None
+        if not isinstance(value, dict):
+            raise ProtocolError("objective-params must be a JSON object")
+        return value
+
+
+def eval_metric_key(split: str, metric: str) -> str:
+    return f"{split}-{metric}"

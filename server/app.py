@@ -1,0 +1,106 @@
+"""The Flower ServerApp: wiring only (wait for hospitals, learn who they are, run the strategy)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from client.task import new_model
+from common.config import Scenario, load_scenario
+from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions
+from server.history import RunHistory
+from server.strategy import CausalFedAvg
+
+
+class FederationError(RuntimeError):
+    """The federation cannot proceed (missing hospitals, unusable replies)."""
+
+
+def wait_for_nodes(grid: Grid, *, expected: int, timeout_s: float, poll_s: float = 0.5) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of {expected} hospitals connected within {timeout_s:.0f}s"
+            )
+        time.sleep(poll_s)
+
+
+def query_profiles(grid: Grid, nodes: list[int], *, timeout_s: float) -> dict[int, SiteProfile]:
+    """Ask every node which hospital it is and whether it trains or is held out."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    profiles: dict[int, SiteProfile] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise FederationError(f"node {node} failed to describe itself: {reply.error.reason}")
+        profiles[node] = SiteProfile.from_record(reply.content.config_records.get(PROFILE_KEY))
+    missing = set(nodes) - set(profiles)
+    if missing:
+        raise FederationError(f"no profile from nodes {sorted(missing)} within {timeout_s:.0f}s")
+    names = [p.site for p in profiles.values()]
+    if len(set(names)) != len(names):
+        raise FederationError(f"two nodes claim the same hospital: {sorted(names)}")
+    return profiles
+
+
+def run_federation(
+    grid: Grid, scenario: Scenario, history: RunHistory, *, model_path: Path | None = None
+) -> ArrayRecord:
+    """Train the scenario's federation to the end; returns the final global model."""
+    federation = scenario.federation
+    nodes = wait_for_nodes(grid, expected=len(scenario.data.sites), timeout_s=federation.round_timeout_s)
+    profiles = query_profiles(grid, nodes, timeout_s=federation.round_timeout_s)
+    history.meta.setdefault("sites", {p.site: {"role": p.role, "num-train": p.num_train} for p in profiles.values()})
+    strategy = CausalFedAvg(
+        profiles=profiles, history=history, fraction_train=federation.fraction_train, seed=scenario.seed
+    )
+    initial = ArrayRecord(new_model(seed=scenario.seed).state_dict())
+    # Evaluation gets the training recipe too: hospitals report the objective's value on
+    # their validation split, which is what model selection minimises.
+    instructions = TrainInstructions.for_scenario(scenario).to_record()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=federation.num_rounds,
+        timeout=federation.round_timeout_s,
+        train_config=instructions,
+        evaluate_config=ConfigRecord(dict(instructions)),
+    )
+    if model_path is not None:
+        torch.save(result.arrays.to_torch_state_dict(), model_path)
+    return result.arrays
+
+
+def build_server_app(scenario: Scenario, history: RunHistory, *, model_path: Path | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, scenario, history, model_path=model_path)
+
+    return app
+
+
+# Deployed SuperLinks run this object (pyproject: [tool.flwr.app.components]); the scenario
+# and output folder come from the run config.
+app = ServerApp()
+
+
+@app.main()
+def _deployed_main(grid: Grid, context: Context) -> None:
+    scenario = load_scenario(str(context.run_config.get("scenario", "default")))
+    rounds = context.run_config.get("num-server-rounds")
+    if rounds is not None:
+        scenario = scenario.with_overrides(federation={"num_rounds": int(rounds)})
+    run_dir = Path(str(context.run_config.get("run-dir", "runs/deployed")))
+    history = RunHistory(meta={"scenario": scenario.name}, path=run_dir / "metrics.json")
+    run_federation(grid, scenario, history, model_path=run_dir / "model.pt")

@@ -1,0 +1,82 @@
+"""The server strategy: FedAvg over the training hospitals, evaluation at every hospital.
+
+Held-out hospitals never train; they only evaluate the global model each round, which is
+how the o.o.d. performance is measured without any data leaving a hospital.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from common.protocol import METRICS_KEY, SiteProfile
+from server.history import RunHistory
+
+
+class CausalFedAvg(FedAvg):
+    def __init__(
+        self,
+        *,
+        profiles: dict[int, SiteProfile],
+        history: RunHistory,
+        fraction_train: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        train_nodes = [n for n, p in profiles.items() if p.role == "train"]
+        super().__init__(
+            fraction_train=fraction_train,
+            min_train_nodes=min(2, len(train_nodes)),
+            min_evaluate_nodes=len(profiles),
+            min_available_nodes=len(profiles),
+        )
+        self.profiles = profiles
+        self.train_nodes = sorted(train_nodes)
+        self.history = history
+        self._sampler = random.Random(seed)
+
+    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str):
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, nodes, kind)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        count = max(self.min_train_nodes, round(len(self.train_nodes) * self.fraction_train))
+        nodes = sorted(self._sampler.sample(self.train_nodes, count))
+        log(INFO, "configure_train: %d of %d training hospitals", len(nodes), len(self.train_nodes))
+        config["server-round"] = server_round
+        return self._messages(arrays, config, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config["server-round"] = server_round
+        return self._messages(arrays, config, sorted(self.profiles), MessageType.EVALUATE)
+
+    def _record_replies(self, server_round: int, replies: list[Message]) -> None:
+        for reply in replies:
+            profile = self.profiles.get(reply.metadata.src_node_id)
+            if profile is None or reply.has_error():
+                continue
+            metrics: MetricRecord = reply.content.metric_records[METRICS_KEY]
+            values = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
+            self.history.record(server_round, profile.site, {"role": profile.role, **values})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._record_replies(server_round, replies)
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._record_replies(server_round, replies)
+        self.history.close_round(server_round)
+        return super().aggregate_evaluate(server_round, replies)

@@ -1,0 +1,80 @@
+"""Hospital datasets for a scenario: synthetic (the SCM) or real MedMNIST images with the
+same injected acquisition and confounders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.config import DataConfig, Scenario, ScenarioError
+from common.data import SiteData, Split, split_indices
+from simulations.scm import acquire, confounder_states, make_site, site_seed
+
+
+def build_site(scenario: Scenario, site_index: int) -> SiteData:
+    data = scenario.data
+    if not 0 <= site_index < len(data.sites):
+        raise ValueError(f"site index {site_index} out of range: scenario has {len(data.sites)} sites")
+    if data.source == "synthetic":
+        return make_site(data, site_index, seed=scenario.seed)
+    return medmnist_site(data, site_index, seed=scenario.seed)
+
+
+def load_medmnist_binary(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """All images (n, 28, 28) in [0, 1] and binary labels of a grayscale MedMNIST .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(f"MedMNIST file not found: {path}")
+    with np.load(path) as npz:
+        keys = [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")]
+        if any(k not in npz for k in keys):
+            raise ScenarioError(f"{path} is not a MedMNIST file: expected arrays {keys}")
+        images = np.concatenate([npz[f"{s}_images"] for s in ("train", "val", "test")])
+        labels = np.concatenate([npz[f"{s}_labels"] for s in ("train", "val", "test")]).reshape(-1)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ScenarioError(f"{path}: need 28x28 grayscale images, got shape {images.shape[1:]}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ScenarioError(f"{path}: labels are not binary ({sorted(np.unique(labels))[:6]}...)")
+    return images.astype(np.float32) / 255.0, labels.astype(np.int64)
+
+
+def _assign_patients(
+    labels: np.ndarray, data: DataConfig, *, seed: int
+) -> list[np.ndarray]:
+    """Disjoint patient indices per site, drawn to match each site's prevalence."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 10_000]))
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in (0, 1)}
+    assignments = []
+    for site in data.sites:
+        n_positive = round(site.n_samples * site.prevalence)
+        wanted = {1: n_positive, 0: site.n_samples - n_positive}
+        for label, count in wanted.items():
+            if count > len(pools[label]):
+                raise ScenarioError(
+                    f"site {site.name!r} needs {count} images with label {label}, only "
+                    f"{len(pools[label])} left in {data.medmnist_file}: lower n_samples"
+                )
+        chosen = [pools[c][: wanted[c]] for c in (0, 1)]
+        for c in (0, 1):
+            pools[c] = pools[c][wanted[c] :]
+        assignments.append(np.concatenate(chosen).astype(np.int64))
+    return assignments
+
+
+def medmnist_site(data: DataConfig, site_index: int, *, seed: int) -> SiteData:
+    """Real images split into hospitals; each gets its site's acquisition and confounders."""
+    images, labels = load_medmnist_binary(data.medmnist_file or "")
+    index = _assign_patients(labels, data, seed=seed)[site_index]
+    site = data.sites[site_index]
+    rng = np.random.default_rng(site_seed(seed, site_index))
+    site_labels = labels[index]
+    states = {
+        name: confounder_states(site_labels, correlation=site.correlation, rng=rng)
+        for name in data.confounders
+        if name != "sex"  # a real image's anatomy is what it is
+    }
+    acquired = acquire(images[index], acquisition=site.acquisition, states=states, rng=rng)
+    full = Split(images=acquired[:, None], labels=site_labels, confounders=states)
+    parts = split_indices(len(index), val_fraction=data.val_fraction, test_fraction=data.test_fraction, rng=rng)
+    return SiteData(name=site.name, role=site.role, **{k: full.subset(v) for k, v in parts.items()})

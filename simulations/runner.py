@@ -1,0 +1,116 @@
+"""Run one scenario as a federation on this machine and keep everything in a run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from client.app import build_client_app
+from client.objectives import build_objective
+from client.sites import ScenarioSites
+from common.config import Scenario
+from server.app import build_server_app
+from server.history import RunHistory, atomic_write_text
+from simulations.local_grid import LocalGrid
+
+RoundCallback = Callable[[int, dict], None]
+
+
+def new_run_dir(root: Path, scenario: Scenario) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = root / f"{scenario.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = root / f"{scenario.name}-{stamp}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+@contextmanager
+def flower_logs_to(path: Path | None) -> Iterator[None]:
+    """Send Flower's chatty INFO log to a file instead of the terminal."""
+    logger = logging.getLogger("flwr")
+    saved_handlers, saved_level, saved_propagate = logger.handlers[:], logger.level, logger.propagate
+    handler = logging.FileHandler(path) if path else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.handlers = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        handler.close()
+        logger.handlers, logger.propagate = saved_handlers, saved_propagate
+        logger.setLevel(saved_level)
+
+
+def _warmup_rounds(scenario: Scenario) -> int:
+    training = scenario.training
+    return build_objective(training.objective, training.objective_params, server_round=1).warmup_rounds
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    run_dir: Path | None = None,
+    on_round: RoundCallback | None = None,
+    engine: str | None = None,
+) -> dict:
+    """Run the federation; returns the metrics history (also written to ``run_dir``)."""
+    engine = engine or scenario.federation.engine
+    meta = {
+        "scenario": scenario.name,
+        "config-sha256": scenario.digest(),
+        "engine": engine,
+        "objective": scenario.training.objective,
+        "warmup-rounds": _warmup_rounds(scenario),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    history = RunHistory(
+        meta=meta, path=run_dir / "metrics.json" if run_dir else None, on_round=on_round
+    )
+    if run_dir is not None:
+        atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.model_dump(mode="json"), indent=1))
+    model_path = run_dir / "model.pt" if run_dir else None
+    server_app = build_server_app(scenario, history, model_path=model_path)
+    sites = ScenarioSites(scenario.canonical_json())
+    started = time.monotonic()
+    with flower_logs_to(run_dir / "flower.log" if run_dir else None):
+        if engine == "inprocess":
+            grid = LocalGrid(build_client_app(sites), num_nodes=len(scenario.data.sites))
+            from flwr.app import Context, RecordDict
+
+            server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        else:
+            _run_with_ray(server_app, build_client_app(sites, torch_threads=1), len(scenario.data.sites))
+    if len(history.rounds) < scenario.federation.num_rounds:
+        raise RuntimeError(
+            f"federation stopped after {len(history.rounds)} of {scenario.federation.num_rounds} rounds"
+            + (f"; see {run_dir / 'flower.log'}" if run_dir else "")
+        )
+    history.meta["seconds"] = round(time.monotonic() - started, 1)
+    history.save()
+    return history.as_dict()
+
+
+def _run_with_ray(server_app, client_app, num_nodes: int) -> None:
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_nodes,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False},
+        },
+    )
