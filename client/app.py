@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.objectives import build_objective
@@ -14,6 +15,7 @@ from client.task import evaluate, load_numpy_state, new_model, train_locally
 from common.data import SiteData
 from common.protocol import (
     ARRAYS_KEY,
+    CHECKPOINT_KEY,
     CONFIG_KEY,
     EVAL_SPLITS,
     METRICS_KEY,
@@ -23,6 +25,10 @@ from common.protocol import (
     TrainInstructions,
     eval_metric_key,
 )
+from common.provenance.log import CHECKPOINT_FILE, durable_append
+from common.provenance.records import Checkpoint, load_public_key
+
+PROVENANCE_STATE = "provenance"
 
 
 def _global_model(message: Message):
@@ -78,12 +84,48 @@ def handle_evaluate(message: Message, site: SiteData) -> RecordDict:
     return RecordDict({METRICS_KEY: metrics})
 
 
+def handle_checkpoint(
+    message: Message, context: Context, site: SiteData, *, keep_in: Path | None, server_key: bytes | None
+) -> RecordDict:
+    """Keep the server's signed checkpoint: in the node state and, if configured, on disk.
+
+    With a pinned server key the hospital refuses a checkpoint that key did not sign.
+    """
+    record = message.content.config_records.get(CHECKPOINT_KEY)
+    if record is None or CHECKPOINT_KEY not in record:
+        raise ProtocolError("checkpoint message without a checkpoint")
+    checkpoint = Checkpoint.from_json(str(record[CHECKPOINT_KEY]))
+    if server_key is not None and not checkpoint.verify(load_public_key(server_key)):
+        raise ProtocolError(f"checkpoint {checkpoint.tree_size} is not signed by the pinned server key")
+    previous = context.state.config_records.get(PROVENANCE_STATE)
+    if previous is not None and int(previous["tree-size"]) > checkpoint.tree_size:
+        raise ProtocolError(f"checkpoint goes back from {previous['tree-size']} to {checkpoint.tree_size} records")
+    context.state[PROVENANCE_STATE] = ConfigRecord({"latest": checkpoint.to_json(), "tree-size": checkpoint.tree_size})
+    if keep_in is not None:
+        folder = keep_in / site.name
+        folder.mkdir(parents=True, exist_ok=True)
+        durable_append(folder / CHECKPOINT_FILE, checkpoint.to_json().encode())
+    return RecordDict({CHECKPOINT_KEY: ConfigRecord({"kept": checkpoint.tree_size})})
+
+
+def _node_path(context: Context, key: str, fallback: Path | None) -> Path | None:
+    value = context.node_config.get(key)
+    return Path(str(value)) if value else fallback
+
+
 def build_client_app(
-    site_source: SiteSource = site_from_node_config, *, torch_threads: int | None = None
+    site_source: SiteSource = site_from_node_config,
+    *,
+    torch_threads: int | None = None,
+    checkpoint_dir: Path | None = None,
+    server_key: bytes | None = None,
 ) -> ClientApp:
     """A ClientApp whose hospital data comes from ``site_source(context)``.
 
     ``torch_threads=1`` suits simulations where several virtual clients share the cores.
+    ``checkpoint_dir`` (or node config ``checkpoint-dir``) is where the hospital keeps the
+    server's signed log checkpoints; ``server_key`` (or ``server-key``, a PEM path) pins
+    the key they must be signed with.
     """
     app = ClientApp()
 
@@ -103,6 +145,18 @@ def build_client_app(
     @app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:
         return Message(handle_evaluate(message, site(context)), reply_to=message)
+
+    @app.query("checkpoint")
+    def keep_checkpoint(message: Message, context: Context) -> Message:
+        key_path = _node_path(context, "server-key", None)
+        content = handle_checkpoint(
+            message,
+            context,
+            site(context),
+            keep_in=_node_path(context, "checkpoint-dir", checkpoint_dir),
+            server_key=key_path.read_bytes() if key_path else server_key,
+        )
+        return Message(content, reply_to=message)
 
     return app
 

@@ -64,6 +64,11 @@ def simulate(
             console.print(f"[red]federation failed:[/red] {error}\n(partial results in {run_dir})")
             raise typer.Exit(1) from None
     report = write_report(run_dir, history, scenario)
+    from common.provenance.verify import verify_log
+
+    log_status = verify_log(run_dir / "provenance")
+    console.print(f"provenance log: {log_status.records} records, "
+                  + ("[green]verified[/green]" if log_status.ok else f"[red]{log_status.problems}[/red]"))
     _print_summary(history)
     console.print(f"report: {report}")
 
@@ -81,7 +86,7 @@ def _print_summary(history: dict) -> None:
     for column in ("model", "round", "i.i.d.", "o.o.d. (held-out)", "worst training site"):
         table.add_column(column)
     for label, row in summary.items():
-        table.add_row(label, str(row["round"]), f"{row['iid-auroc']:.3f}", f"{row['ood-auroc']:.3f}",
+        table.add_row(label.replace("selected by ", "best "), str(row["round"]), f"{row['iid-auroc']:.3f}", f"{row['ood-auroc']:.3f}",
                       f"{row['worst-train-site-auroc']:.3f}")
     console.print(table)
 
@@ -110,6 +115,93 @@ def export_sites(
         path = out / f"{site.name}.npz"
         build_site(scenario, index).save(path)
         console.print(f"{site.name} ({site.role}) -> {path}")
+
+
+log_cli = typer.Typer(no_args_is_help=True, help="Check a run's tamper-evident provenance log.")
+cli.add_typer(log_cli, name="log")
+
+
+def _provenance_folder(run: Path) -> Path:
+    folder = run / "provenance" if (run / "provenance").is_dir() else run
+    if not (folder / "log.jsonl").exists():
+        console.print(f"[red]error:[/red] no provenance log in {run}")
+        raise typer.Exit(2)
+    return folder
+
+
+@log_cli.command("verify")
+def log_verify(
+    run: Path = typer.Argument(..., help="run folder (or its provenance/ folder)"),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="pinned server key (PEM); default: the log's own"),
+    hospitals: Optional[Path] = typer.Option(
+        None, "--hospitals", help="folder of <hospital>/checkpoints.jsonl kept by hospitals (default: RUN/hospitals)"
+    ),
+) -> None:
+    """Check hash chain, canonical form, signatures, and the checkpoints hospitals kept."""
+    from common.provenance.records import load_public_key
+    from common.provenance.verify import read_checkpoints, verify_log
+
+    folder = _provenance_folder(run)
+    hospitals = hospitals or (run / "hospitals")
+    kept = {p.parent.name: read_checkpoints(p) for p in sorted(hospitals.glob("*/checkpoints.jsonl"))} if hospitals.is_dir() else {}
+    key = load_public_key(public_key.read_bytes()) if public_key else None
+    report = verify_log(folder, public_key=key, hospital_checkpoints=kept)
+    console.print(f"{report.records} records, {report.checkpoints} signed checkpoints, "
+                  f"{sum(len(v) for v in kept.values())} checkpoints kept by {len(kept)} hospitals")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    for problem in report.problems:
+        console.print(f"[red]TAMPERED:[/red] {problem}")
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print("[green]log verified[/green]")
+
+
+@log_cli.command("prove")
+def log_prove(
+    run: Path = typer.Argument(..., help="run folder"),
+    server_round: int = typer.Option(..., "--round", min=1, help="the round whose record to prove"),
+    tree_size: Optional[int] = typer.Option(None, "--tree-size", help="prove against this checkpoint size"),
+) -> None:
+    """Print an inclusion proof (JSON) of one round's record, for a hospital to check."""
+    import json
+
+    from common.provenance.verify import prove_round
+
+    try:
+        proof = prove_round(_provenance_folder(run), server_round=server_round, tree_size=tree_size)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    print(json.dumps(proof, indent=1))
+
+
+@log_cli.command("check-proof")
+def log_check_proof(
+    proof_file: Path = typer.Argument(..., help="JSON printed by `causalfed log prove`"),
+    checkpoints: Path = typer.Option(..., "--checkpoints", help="the hospital's own checkpoints.jsonl"),
+    public_key: Path = typer.Option(..., "--public-key", help="the server key the hospital pinned (PEM)"),
+) -> None:
+    """What a hospital runs: does its own checkpoint vouch for the proven record?"""
+    import json
+
+    from common.provenance.merkle import ProofError
+    from common.provenance.records import load_public_key
+    from common.provenance.verify import check_proof, read_checkpoints
+
+    proof = json.loads(proof_file.read_text())
+    kept = {cp.tree_size: cp for cp in read_checkpoints(checkpoints)}
+    checkpoint = kept.get(proof["tree_size"])
+    if checkpoint is None:
+        console.print(f"[red]no kept checkpoint of size {proof['tree_size']}[/red]; kept sizes: {sorted(kept)}")
+        raise typer.Exit(1)
+    try:
+        check_proof(proof, checkpoint, load_public_key(public_key.read_bytes()))
+    except ProofError as error:
+        console.print(f"[red]proof rejected:[/red] {error}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]record {proof['leaf_index']} is in the log the hospital's checkpoint "
+                  f"(size {checkpoint.tree_size}) commits to[/green]")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ PROFILE_KEY = "profile"
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
+CHECKPOINT_KEY = "checkpoint"
 EVAL_SPLITS = ("val", "test")
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import time
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log as flwr_log
 
 from client.task import new_model
 from common.config import Scenario, load_scenario
 from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions
+from common.provenance.log import ProvenanceLog, load_or_create_key
+from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
 from server.strategy import CausalFedAvg
 
@@ -52,16 +56,41 @@ def query_profiles(grid: Grid, nodes: list[int], *, timeout_s: float) -> dict[in
     return profiles
 
 
+def node_identities(grid: Grid) -> dict[int, str]:
+    """Each node's registered identity: its name and authentication public key, if any."""
+    identities = {}
+    for info in grid.get_nodes():
+        key = info.public_key.hex() if info.public_key else ""
+        identities[info.node_id] = f"{info.name}:{key}" if (info.name or key) else ""
+    return identities
+
+
 def run_federation(
-    grid: Grid, scenario: Scenario, history: RunHistory, *, model_path: Path | None = None
+    grid: Grid,
+    scenario: Scenario,
+    history: RunHistory,
+    *,
+    model_path: Path | None = None,
+    provenance: ProvenanceLog | None = None,
 ) -> ArrayRecord:
     """Train the scenario's federation to the end; returns the final global model."""
     federation = scenario.federation
     nodes = wait_for_nodes(grid, expected=len(scenario.data.sites), timeout_s=federation.round_timeout_s)
     profiles = query_profiles(grid, nodes, timeout_s=federation.round_timeout_s)
     history.meta.setdefault("sites", {p.site: {"role": p.role, "num-train": p.num_train} for p in profiles.values()})
+    auditor = RoundAuditor(provenance, profiles) if provenance is not None else None
+    if auditor is not None:
+        start = auditor.start_run(
+            config_sha256=scenario.digest(), fab_hash=grid.run.fab_hash, identities=node_identities(grid)
+        )
+        deliver_checkpoint(grid, nodes, start, timeout_s=federation.round_timeout_s)
     strategy = CausalFedAvg(
-        profiles=profiles, history=history, fraction_train=federation.fraction_train, seed=scenario.seed
+        profiles=profiles,
+        history=history,
+        fraction_train=federation.fraction_train,
+        seed=scenario.seed,
+        auditor=auditor,
+        timeout_s=federation.round_timeout_s,
     )
     initial = ArrayRecord(new_model(seed=scenario.seed).state_dict())
     # Evaluation gets the training recipe too: hospitals report the objective's value on
@@ -77,15 +106,24 @@ def run_federation(
     )
     if model_path is not None:
         torch.save(result.arrays.to_torch_state_dict(), model_path)
+    if auditor is not None:
+        end = auditor.end_run(rounds=len(history.rounds), final_arrays=result.arrays)
+        deliver_checkpoint(grid, nodes, end, timeout_s=federation.round_timeout_s)
     return result.arrays
 
 
-def build_server_app(scenario: Scenario, history: RunHistory, *, model_path: Path | None = None) -> ServerApp:
+def build_server_app(
+    scenario: Scenario,
+    history: RunHistory,
+    *,
+    model_path: Path | None = None,
+    provenance: ProvenanceLog | None = None,
+) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, scenario, history, model_path=model_path)
+        run_federation(grid, scenario, history, model_path=model_path, provenance=provenance)
 
     return app
 
@@ -103,4 +141,8 @@ def _deployed_main(grid: Grid, context: Context) -> None:
         scenario = scenario.with_overrides(federation={"num_rounds": int(rounds)})
     run_dir = Path(str(context.run_config.get("run-dir", "runs/deployed")))
     history = RunHistory(meta={"scenario": scenario.name}, path=run_dir / "metrics.json")
-    run_federation(grid, scenario, history, model_path=run_dir / "model.pt")
+    key = load_or_create_key(Path(str(context.run_config.get("signing-key", "keys/server_ed25519.pem"))))
+    provenance = ProvenanceLog.open(run_dir / "provenance", signing_key=key, log_id=f"run-{grid.run.run_id}")
+    for message in provenance.recovery_messages:
+        flwr_log(WARNING, "provenance: %s", message)
+    run_federation(grid, scenario, history, model_path=run_dir / "model.pt", provenance=provenance)

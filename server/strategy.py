@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from common.protocol import METRICS_KEY, SiteProfile
+from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
 
 
@@ -27,6 +28,8 @@ class CausalFedAvg(FedAvg):
         history: RunHistory,
         fraction_train: float = 1.0,
         seed: int = 0,
+        auditor: RoundAuditor | None = None,
+        timeout_s: float = 600.0,
     ) -> None:
         train_nodes = [n for n, p in profiles.items() if p.role == "train"]
         super().__init__(
@@ -39,6 +42,9 @@ class CausalFedAvg(FedAvg):
         self.train_nodes = sorted(train_nodes)
         self.history = history
         self._sampler = random.Random(seed)
+        self.auditor = auditor
+        self.timeout_s = timeout_s
+        self._grid: Grid | None = None
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -47,6 +53,7 @@ class CausalFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._grid = grid  # kept to hand each round's signed checkpoint to the hospitals
         count = max(self.min_train_nodes, round(len(self.train_nodes) * self.fraction_train))
         nodes = sorted(self._sampler.sample(self.train_nodes, count))
         log(INFO, "configure_train: %d of %d training hospitals", len(nodes), len(self.train_nodes))
@@ -73,10 +80,18 @@ class CausalFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record_replies(server_round, replies)
-        return super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.auditor is not None:
+            self.auditor.note_updates(replies)
+            self.auditor.note_aggregate(arrays)
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         self._record_replies(server_round, replies)
         self.history.close_round(server_round)
+        if self.auditor is not None:
+            checkpoint = self.auditor.close_round(server_round, self.history.rounds.get(server_round, {}))
+            if self._grid is not None:
+                deliver_checkpoint(self._grid, sorted(self.profiles), checkpoint, timeout_s=self.timeout_s)
         return super().aggregate_evaluate(server_round, replies)

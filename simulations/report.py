@@ -95,6 +95,25 @@ def _site_rows(history: dict[str, Any], scenario: Scenario, selected: int) -> li
     return rows
 
 
+def _provenance_section(run_dir: Path) -> str:
+    """Log status: what `causalfed log verify RUN` would say, hospitals' checkpoints included."""
+    from common.provenance.verify import read_checkpoints, verify_log
+
+    folder = run_dir / "provenance"
+    if not folder.is_dir():
+        return "<h2>Provenance log</h2><p>No provenance log in this run.</p>"
+    kept = {p.parent.name: read_checkpoints(p) for p in sorted((run_dir / "hospitals").glob("*/checkpoints.jsonl"))}
+    report = verify_log(folder, hospital_checkpoints=kept)
+    status = "verified" if report.ok else "FAILED: " + "; ".join(report.problems[:5])
+    rows = [[name, len(cps), cps[-1].tree_size if cps else None] for name, cps in kept.items()]
+    return (
+        f"<h2>Provenance log</h2><p>{report.records} hash-chained records, {report.checkpoints} "
+        f"Ed25519-signed checkpoints: <b>{html.escape(status)}</b>. "
+        f"Check it yourself: <code>causalfed log verify {html.escape(str(run_dir))}</code>.</p>"
+        + _table(["hospital", "checkpoints kept", "latest tree size"], rows)
+    )
+
+
 def write_report(run_dir: Path, history: dict[str, Any], scenario: Scenario) -> Path:
     warmup = int(history["meta"].get("warmup-rounds", 0))
     selected = select_round(history, warmup_rounds=warmup)
@@ -102,6 +121,7 @@ def write_report(run_dir: Path, history: dict[str, Any], scenario: Scenario) -> 
     loss_png = plot_metric(history, "train-risk", "local training risk", run_dir / "train_risk.png", selected=None)
     samples_png = plot_samples(scenario, run_dir / "samples.png")
     meta = history["meta"]
+    provenance_html = _provenance_section(run_dir)
     summary_rows = [
         [f"{label} (round {row['round']})", row["iid-auroc"], row["ood-auroc"], row["worst-train-site-auroc"]]
         for label, row in summarise_run(history, warmup_rounds=warmup).items()
@@ -128,6 +148,7 @@ the held-out hospital plays no part in either choice.</p>
         _site_rows(history, scenario, selected))}
 <img src="data:image/png;base64,{auroc_png}" alt="AUROC per round">
 <img src="data:image/png;base64,{loss_png}" alt="training risk per round">
+{provenance_html}
 <h2>What each hospital's images look like</h2>
 <img src="data:image/png;base64,{samples_png}" alt="sample images">
 <p>Files: <code>metrics.json</code> (every round, every hospital), <code>scenario.json</code>,

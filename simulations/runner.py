@@ -16,11 +16,16 @@ from client.app import build_client_app
 from client.objectives import build_objective
 from client.sites import ScenarioSites
 from common.config import Scenario
+from common.provenance.log import ProvenanceLog, load_or_create_key
+from common.provenance.records import public_pem
 from server.app import build_server_app
 from server.history import RunHistory, atomic_write_text
 from simulations.local_grid import LocalGrid
 
 RoundCallback = Callable[[int, dict], None]
+PROVENANCE_DIR = "provenance"
+HOSPITALS_DIR = "hospitals"
+KEYS_DIR = ".keys"
 
 
 def new_run_dir(root: Path, scenario: Scenario) -> Path:
@@ -52,6 +57,12 @@ def flower_logs_to(path: Path | None) -> Iterator[None]:
         logger.setLevel(saved_level)
 
 
+def open_provenance(run_dir: Path) -> ProvenanceLog:
+    """The run's provenance log, signed with the key kept beside (not inside) run folders."""
+    key = load_or_create_key(run_dir.parent / KEYS_DIR / "server_ed25519.pem")
+    return ProvenanceLog.open(run_dir / PROVENANCE_DIR, signing_key=key, log_id=run_dir.name)
+
+
 def _warmup_rounds(scenario: Scenario) -> int:
     training = scenario.training
     return build_objective(training.objective, training.objective_params, server_round=1).warmup_rounds
@@ -80,17 +91,26 @@ def run_scenario(
     if run_dir is not None:
         atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.model_dump(mode="json"), indent=1))
     model_path = run_dir / "model.pt" if run_dir else None
-    server_app = build_server_app(scenario, history, model_path=model_path)
+    provenance = open_provenance(run_dir) if run_dir else None
+    server_app = build_server_app(scenario, history, model_path=model_path, provenance=provenance)
     sites = ScenarioSites(scenario.canonical_json())
+    client_options = {}
+    if provenance is not None:
+        # Each simulated hospital keeps the checkpoints in its own folder and pins the key.
+        client_options = {
+            "checkpoint_dir": run_dir / HOSPITALS_DIR,
+            "server_key": public_pem(provenance.signing_key.public_key()),
+        }
     started = time.monotonic()
     with flower_logs_to(run_dir / "flower.log" if run_dir else None):
         if engine == "inprocess":
-            grid = LocalGrid(build_client_app(sites), num_nodes=len(scenario.data.sites))
+            grid = LocalGrid(build_client_app(sites, **client_options), num_nodes=len(scenario.data.sites))
             from flwr.app import Context, RecordDict
 
             server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
         else:
-            _run_with_ray(server_app, build_client_app(sites, torch_threads=1), len(scenario.data.sites))
+            client_app = build_client_app(sites, torch_threads=1, **client_options)
+            _run_with_ray(server_app, client_app, len(scenario.data.sites))
     if len(history.rounds) < scenario.federation.num_rounds:
         raise RuntimeError(
             f"federation stopped after {len(history.rounds)} of {scenario.federation.num_rounds} rounds"

@@ -115,13 +115,20 @@ def test_simulate_command_with_flower_simulation_engine(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["meta"]["engine"] == "ray"
     assert len(metrics["rounds"]) == 2 and len(metrics["rounds"][-1]["sites"]) == 5
     report = (run_dir / "report.html").read_text()
     assert "hospital-X" in report and "o.o.d." in report and "data:image/png;base64" in report
     assert "o.o.d." in result.stdout
+    assert "provenance log: 4 records, verified" in result.stdout
+    verify = [sys.executable, "-m", "common.cli", "log", "verify", str(run_dir)]
+    assert subprocess.run(verify, cwd=REPO, capture_output=True, timeout=120).returncode == 0
+    log_file = run_dir / "provenance" / "log.jsonl"
+    log_file.write_text(log_file.read_text().replace('"round":1', '"round":7', 1))
+    tampered = subprocess.run(verify, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert tampered.returncode == 1 and "TAMPERED" in tampered.stdout
 
 
 def test_simulate_reports_bad_config_plainly(tmp_path):
@@ -134,3 +141,47 @@ def test_simulate_reports_bad_config_plainly(tmp_path):
     assert result.returncode == 2
     assert "invalid scenario" in result.stdout and "data.sites" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_every_round_lands_in_the_signed_log_and_at_every_hospital(small_scenario, tmp_path):
+    from flwr.app import ArrayRecord
+
+    from common.provenance.log import LOG_FILE
+    from common.provenance.verify import read_checkpoints, verify_log
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_scenario(small_scenario, run_dir=run_dir)
+    kept = {p.parent.name: read_checkpoints(p) for p in (run_dir / "hospitals").glob("*/checkpoints.jsonl")}
+    assert set(kept) == {s.name for s in small_scenario.data.sites}
+    assert all(len(cps) == 4 for cps in kept.values())  # run start, 2 rounds, run end
+    report = verify_log(run_dir / "provenance", hospital_checkpoints=kept)
+    assert report.ok and report.records == 4, report.problems
+    records = [json.loads(line) for line in (run_dir / "provenance" / LOG_FILE).read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["run-start", "round", "round", "run-end"]
+    assert records[0]["body"]["config_sha256"] == small_scenario.digest()
+    assert len(records[0]["body"]["code_sha256"]) == 64
+    last_round = records[2]["body"]
+    assert sorted(last_round["update_sha256"]) == ["hospital-A", "hospital-B", "hospital-C", "hospital-D"]
+    assert last_round["verdicts"] == {s: "accepted" for s in last_round["update_sha256"]}
+    import torch
+
+    final = ArrayRecord(torch.load(run_dir / "model.pt"))
+    assert last_round["aggregate_sha256"] == records[3]["body"]["final_model_sha256"] == final.object_id
+
+
+def test_hospital_refuses_checkpoints_from_another_key(small_scenario, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common.provenance.log import ProvenanceLog
+    from common.provenance.records import public_pem
+    from server.audit import deliver_checkpoint
+
+    pinned = public_pem(Ed25519PrivateKey.generate().public_key())
+    app = build_client_app(ScenarioSites(small_scenario.canonical_json()), server_key=pinned, checkpoint_dir=tmp_path / "h")
+    grid = LocalGrid(app, num_nodes=len(small_scenario.data.sites))
+    impostor = ProvenanceLog.open(tmp_path / "log", signing_key=Ed25519PrivateKey.generate(), log_id="x")
+    checkpoint = impostor.append("round", {"round": 1})
+    nodes = sorted(grid.get_node_ids())
+    assert deliver_checkpoint(grid, nodes, checkpoint, timeout_s=10) == nodes
+    assert not (tmp_path / "h").exists()

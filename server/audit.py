@@ -1,0 +1,108 @@
+"""What the server writes to the provenance log, and how hospitals receive checkpoints.
+
+One record at run start (code, configuration, participants and their registered
+identities), one per round (who trained, SHA-256 of every update and of the aggregate,
+verdicts, metrics, DP accounting inputs) and one at the end. After each record the signed
+checkpoint goes to every hospital, which keeps it: a later rewrite of the log by whoever
+holds the signing key no longer matches what the hospitals hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+import importlib
+from pathlib import Path
+from logging import WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log as flwr_log
+
+from common.protocol import ARRAYS_KEY, CHECKPOINT_KEY, SiteProfile
+from common.provenance.log import ProvenanceLog
+from common.provenance.records import Checkpoint
+
+CHECKPOINT_ACTION = f"{MessageType.QUERY}.checkpoint"
+SOURCE_PACKAGES = ("client", "common", "server", "simulations")
+
+
+def source_tree_sha256() -> str:
+    """SHA-256 over the Python sources of causalfed's packages (path and content, sorted)."""
+    digest = hashlib.sha256()
+    for package in SOURCE_PACKAGES:
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def deliver_checkpoint(grid: Grid, nodes: list[int], checkpoint: Checkpoint, *, timeout_s: float) -> list[int]:
+    """Send the checkpoint to every hospital; returns the nodes that did not confirm keeping it."""
+    content = RecordDict({CHECKPOINT_KEY: ConfigRecord({CHECKPOINT_KEY: checkpoint.to_json()})})
+    messages = [Message(content, dst_node_id=n, message_type=CHECKPOINT_ACTION) for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    confirmed = {r.metadata.src_node_id for r in replies if not r.has_error()}
+    missing = sorted(set(nodes) - confirmed)
+    if missing:
+        flwr_log(WARNING, "checkpoint %d not confirmed by nodes %s", checkpoint.tree_size, missing)
+    return missing
+
+
+@dataclass
+class RoundAuditor:
+    """Collects one round's evidence while the strategy runs and appends it to the log."""
+
+    log: ProvenanceLog
+    profiles: dict[int, SiteProfile]
+    updates: dict[str, str] = field(default_factory=dict)
+    aggregate: str | None = None
+    unconfirmed: dict[int, list[int]] = field(default_factory=dict)
+
+    def _site(self, node: int) -> str:
+        return self.profiles[node].site if node in self.profiles else f"node-{node}"
+
+    def start_run(self, *, config_sha256: str, fab_hash: str, identities: dict[int, str]) -> Checkpoint:
+        # Node ids are 64-bit: as strings, since canonical JSON numbers stop at 2**53.
+        participants = [
+            {"node": str(node), "site": p.site, "role": p.role, "num_train": p.num_train, "identity": identities.get(node, "")}
+            for node, p in sorted(self.profiles.items())
+        ]
+        return self.log.append("run-start", {
+            "run_id": self.log.log_id,
+            "config_sha256": config_sha256,
+            "code_sha256": source_tree_sha256(),
+            "fab_hash": fab_hash,
+            "participants": participants,
+        })
+
+    def note_updates(self, replies: list[Message]) -> None:
+        self.updates = {
+            self._site(r.metadata.src_node_id): r.content.array_records[ARRAYS_KEY].object_id
+            for r in replies
+            if not r.has_error() and ARRAYS_KEY in r.content.array_records
+        }
+        self.updates |= {self._site(r.metadata.src_node_id): "error: " + r.error.reason for r in replies if r.has_error()}
+
+    def note_aggregate(self, arrays: ArrayRecord | None) -> None:
+        self.aggregate = arrays.object_id if arrays is not None else None
+
+    def close_round(self, server_round: int, metrics: dict[str, Any]) -> Checkpoint:
+        trained = sorted(site for site, digest in self.updates.items() if not digest.startswith("error"))
+        body = {
+            "round": server_round,
+            "participants": sorted(self.updates),
+            "update_sha256": self.updates,
+            "aggregate_sha256": self.aggregate,
+            # No guard runs yet: every well-formed update is aggregated as it came.
+            "verdicts": {site: "accepted" for site in trained},
+            "metrics": metrics,
+            "dp": {site: None for site in trained},  # DP-SGD off: no accountant inputs
+        }
+        self.updates, self.aggregate = {}, None
+        return self.log.append("round", body)
+
+    def end_run(self, *, rounds: int, final_arrays: ArrayRecord) -> Checkpoint:
+        return self.log.append("run-end", {"rounds": rounds, "final_model_sha256": final_arrays.object_id})
