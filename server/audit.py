@@ -59,7 +59,7 @@ class RoundAuditor:
     profiles: dict[int, SiteProfile]
     updates: dict[str, str] = field(default_factory=dict)
     aggregate: str | None = None
-    unconfirmed: dict[int, list[int]] = field(default_factory=dict)
+    run_context: dict[str, str] = field(default_factory=dict)
 
     def _site(self, node: int) -> str:
         return self.profiles[node].site if node in self.profiles else f"node-{node}"
@@ -70,13 +70,14 @@ class RoundAuditor:
             {"node": str(node), "site": p.site, "role": p.role, "num_train": p.num_train, "identity": identities.get(node, "")}
             for node, p in sorted(self.profiles.items())
         ]
-        return self.log.append("run-start", {
+        # Repeated in every round record, so each record stands on its own.
+        self.run_context = {
             "run_id": self.log.log_id,
             "config_sha256": config_sha256,
             "code_sha256": source_tree_sha256(),
             "fab_hash": fab_hash,
-            "participants": participants,
-        })
+        }
+        return self.log.append("run-start", {**self.run_context, "participants": participants})
 
     def note_updates(self, replies: list[Message]) -> None:
         self.updates = {
@@ -92,6 +93,7 @@ class RoundAuditor:
     def close_round(self, server_round: int, metrics: dict[str, Any]) -> Checkpoint:
         trained = sorted(site for site, digest in self.updates.items() if not digest.startswith("error"))
         body = {
+            **self.run_context,
             "round": server_round,
             "participants": sorted(self.updates),
             "update_sha256": self.updates,

@@ -162,6 +162,7 @@ def test_every_round_lands_in_the_signed_log_and_at_every_hospital(small_scenari
     assert records[0]["body"]["config_sha256"] == small_scenario.digest()
     assert len(records[0]["body"]["code_sha256"]) == 64
     last_round = records[2]["body"]
+    assert last_round["run_id"] == "run" and last_round["config_sha256"] == small_scenario.digest()
     assert sorted(last_round["update_sha256"]) == ["hospital-A", "hospital-B", "hospital-C", "hospital-D"]
     assert last_round["verdicts"] == {s: "accepted" for s in last_round["update_sha256"]}
     import torch
