@@ -6,13 +6,14 @@ The file is replaced atomically (write, fsync, rename) so a crash never leaves h
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common.provenance.records import json_safe
 
 SiteMetrics = dict[str, float | str]
 
@@ -29,17 +30,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN is not JSON: store it as null (an undefined AUROC, e.g. a single-class split)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 @dataclass
@@ -60,7 +50,7 @@ class RunHistory:
             self.on_round(server_round, self.rounds.get(server_round, {}))
 
     def as_dict(self) -> dict[str, Any]:
-        return _json_safe({
+        return json_safe({
             "meta": self.meta,
             "rounds": [{"round": r, "sites": self.rounds[r]} for r in sorted(self.rounds)],
         })

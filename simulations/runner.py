@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from flwr.app import Context, RecordDict
+
 from client.app import build_client_app
 from client.objectives import build_objective
 from client.sites import ScenarioSites
@@ -105,8 +107,6 @@ def run_scenario(
     with flower_logs_to(run_dir / "flower.log" if run_dir else None):
         if engine == "inprocess":
             grid = LocalGrid(build_client_app(sites, **client_options), num_nodes=len(scenario.data.sites))
-            from flwr.app import Context, RecordDict
-
             server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
         else:
             client_app = build_client_app(sites, torch_threads=1, **client_options)
