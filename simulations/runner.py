@@ -125,6 +125,8 @@ def _run_with_ray(server_app, client_app, num_nodes: int) -> None:
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # CPU-only simulation: keep Ray from printing its accelerator-variable tip at every start.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=server_app,
         client_app=client_app,
