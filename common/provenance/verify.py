@@ -151,9 +151,9 @@ def prove_round(folder: Path, *, server_round: int, tree_size: int | None = None
     chosen = checkpoints[-1] if tree_size is None else next((c for c in checkpoints if c.tree_size == tree_size), None)
     if chosen is None:
         raise ValueError(f"no checkpoint of tree size {tree_size}; sizes: {[c.tree_size for c in checkpoints]}")
+    records = (json.loads(line) for line in lines[: chosen.tree_size])
     index = next(
-        (i for i, line in enumerate(lines[: chosen.tree_size])
-         if json.loads(line).get("body", {}).get("round") == server_round and json.loads(line).get("kind") == "round"),
+        (i for i, r in enumerate(records) if r.get("kind") == "round" and r.get("body", {}).get("round") == server_round),
         None,
     )
     if index is None:
