@@ -100,11 +100,12 @@ def handle_checkpoint(
     previous = context.state.config_records.get(PROVENANCE_STATE)
     if previous is not None and int(previous["tree-size"]) > checkpoint.tree_size:
         raise ProtocolError(f"checkpoint goes back from {previous['tree-size']} to {checkpoint.tree_size} records")
-    context.state[PROVENANCE_STATE] = ConfigRecord({"latest": checkpoint.to_json(), "tree-size": checkpoint.tree_size})
+    text = checkpoint.to_json()
+    context.state[PROVENANCE_STATE] = ConfigRecord({"latest": text, "tree-size": checkpoint.tree_size})
     if keep_in is not None:
         folder = keep_in / site.name
         folder.mkdir(parents=True, exist_ok=True)
-        durable_append(folder / CHECKPOINT_FILE, checkpoint.to_json().encode())
+        durable_append(folder / CHECKPOINT_FILE, text.encode())
     return RecordDict({CHECKPOINT_KEY: ConfigRecord({"kept": checkpoint.tree_size})})
 
 

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.config import ScenarioError, builtin_scenarios, load_scenario
+from common.provenance.log import HOSPITALS_DIR, PROVENANCE_DIR
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated causal learning for hospitals.")
 console = Console()
@@ -66,7 +67,7 @@ def simulate(
     report = write_report(run_dir, history, scenario)
     from common.provenance.verify import verify_log
 
-    log_status = verify_log(run_dir / "provenance")
+    log_status = verify_log(run_dir / PROVENANCE_DIR)
     console.print(f"provenance log: {log_status.records} records, "
                   + ("[green]verified[/green]" if log_status.ok else f"[red]{log_status.problems}[/red]"))
     _print_summary(history)
@@ -122,7 +123,7 @@ cli.add_typer(log_cli, name="log")
 
 
 def _provenance_folder(run: Path) -> Path:
-    folder = run / "provenance" if (run / "provenance").is_dir() else run
+    folder = run / PROVENANCE_DIR if (run / PROVENANCE_DIR).is_dir() else run
     if not (folder / "log.jsonl").exists():
         console.print(f"[red]error:[/red] no provenance log in {run}")
         raise typer.Exit(2)
@@ -139,11 +140,10 @@ def log_verify(
 ) -> None:
     """Check hash chain, canonical form, signatures, and the checkpoints hospitals kept."""
     from common.provenance.records import load_public_key
-    from common.provenance.verify import read_checkpoints, verify_log
+    from common.provenance.verify import read_kept_checkpoints, verify_log
 
     folder = _provenance_folder(run)
-    hospitals = hospitals or (run / "hospitals")
-    kept = {p.parent.name: read_checkpoints(p) for p in sorted(hospitals.glob("*/checkpoints.jsonl"))} if hospitals.is_dir() else {}
+    kept = read_kept_checkpoints(hospitals or run / HOSPITALS_DIR)
     key = load_public_key(public_key.read_bytes()) if public_key else None
     report = verify_log(folder, public_key=key, hospital_checkpoints=kept)
     console.print(f"{report.records} records, {report.checkpoints} signed checkpoints, "

@@ -14,7 +14,7 @@ from flwr.supercore import log as flwr_log
 from client.task import new_model
 from common.config import Scenario, load_scenario
 from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions
-from common.provenance.log import ProvenanceLog, load_or_create_key
+from common.provenance.log import PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
 from server.strategy import CausalFedAvg
@@ -142,7 +142,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(context.run_config.get("run-dir", "runs/deployed")))
     history = RunHistory(meta={"scenario": scenario.name}, path=run_dir / "metrics.json")
     key = load_or_create_key(Path(str(context.run_config.get("signing-key", "keys/server_ed25519.pem"))))
-    provenance = ProvenanceLog.open(run_dir / "provenance", signing_key=key, log_id=f"run-{grid.run.run_id}")
+    provenance = ProvenanceLog.open(run_dir / PROVENANCE_DIR, signing_key=key, log_id=f"run-{grid.run.run_id}")
     for message in provenance.recovery_messages:
         flwr_log(WARNING, "provenance: %s", message)
     run_federation(grid, scenario, history, model_path=run_dir / "model.pt", provenance=provenance)

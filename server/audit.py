@@ -10,10 +10,10 @@ holds the signing key no longer matches what the hospitals hold.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 import importlib
-from pathlib import Path
+from dataclasses import dataclass, field
 from logging import WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict

@@ -97,12 +97,13 @@ def _site_rows(history: dict[str, Any], scenario: Scenario, selected: int) -> li
 
 def _provenance_section(run_dir: Path) -> str:
     """Log status: what `causalfed log verify RUN` would say, hospitals' checkpoints included."""
-    from common.provenance.verify import read_checkpoints, verify_log
+    from common.provenance.log import HOSPITALS_DIR, PROVENANCE_DIR
+    from common.provenance.verify import read_kept_checkpoints, verify_log
 
-    folder = run_dir / "provenance"
+    folder = run_dir / PROVENANCE_DIR
     if not folder.is_dir():
         return "<h2>Provenance log</h2><p>No provenance log in this run.</p>"
-    kept = {p.parent.name: read_checkpoints(p) for p in sorted((run_dir / "hospitals").glob("*/checkpoints.jsonl"))}
+    kept = read_kept_checkpoints(run_dir / HOSPITALS_DIR)
     report = verify_log(folder, hospital_checkpoints=kept)
     status = "verified" if report.ok else "FAILED: " + "; ".join(report.problems[:5])
     rows = [[name, len(cps), cps[-1].tree_size if cps else None] for name, cps in kept.items()]

@@ -18,15 +18,13 @@ from client.app import build_client_app
 from client.objectives import build_objective
 from client.sites import ScenarioSites
 from common.config import Scenario
-from common.provenance.log import ProvenanceLog, load_or_create_key
+from common.provenance.log import HOSPITALS_DIR, PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from common.provenance.records import public_pem
 from server.app import build_server_app
 from server.history import RunHistory, atomic_write_text
 from simulations.local_grid import LocalGrid
 
 RoundCallback = Callable[[int, dict], None]
-PROVENANCE_DIR = "provenance"
-HOSPITALS_DIR = "hospitals"
 KEYS_DIR = ".keys"
 
 

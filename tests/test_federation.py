@@ -147,12 +147,12 @@ def test_every_round_lands_in_the_signed_log_and_at_every_hospital(small_scenari
     from flwr.app import ArrayRecord
 
     from common.provenance.log import LOG_FILE
-    from common.provenance.verify import read_checkpoints, verify_log
+    from common.provenance.verify import read_kept_checkpoints, verify_log
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     run_scenario(small_scenario, run_dir=run_dir)
-    kept = {p.parent.name: read_checkpoints(p) for p in (run_dir / "hospitals").glob("*/checkpoints.jsonl")}
+    kept = read_kept_checkpoints(run_dir / "hospitals")
     assert set(kept) == {s.name for s in small_scenario.data.sites}
     assert all(len(cps) == 4 for cps in kept.values())  # run start, 2 rounds, run end
     report = verify_log(run_dir / "provenance", hospital_checkpoints=kept)

@@ -38,6 +38,9 @@ from common.provenance.records import (
 LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoints.jsonl"
 PUBLIC_KEY_FILE = "public_key.pem"
+# Inside a run folder: the server's log, and what each hospital kept (<name>/checkpoints.jsonl).
+PROVENANCE_DIR = "provenance"
+HOSPITALS_DIR = "hospitals"
 
 
 def _fsync_dir(path: Path) -> None:

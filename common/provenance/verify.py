@@ -140,6 +140,14 @@ def read_checkpoints(path: Path) -> list[Checkpoint]:
     return [Checkpoint.from_json(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def read_kept_checkpoints(folder: Path) -> dict[str, list[Checkpoint]]:
+    """The checkpoints each hospital kept, from ``folder/<hospital>/checkpoints.jsonl``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {path.parent.name: read_checkpoints(path) for path in sorted(folder.glob(f"*/{CHECKPOINT_FILE}"))}
+
+
 def prove_round(folder: Path, *, server_round: int, tree_size: int | None = None) -> dict[str, Any]:
     """An inclusion proof of round ``server_round``'s record in the tree of ``tree_size``
     records (default: the latest checkpoint), to check against a hospital's checkpoint."""
