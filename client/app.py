@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
 
@@ -10,11 +11,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.objectives import build_objective
-from client.sites import SiteSource, site_from_node_config
+from client.privacy import (
+    DPSettings,
+    PrivacyBudgetSpent,
+    PrivacyLedger,
+    batches_per_epoch,
+    calibrated_noise_multiplier,
+    train_privately,
+)
+from client.sites import BudgetSource, SiteSource, budget_from_node_config, site_from_node_config
 from client.task import evaluate, load_numpy_state, new_model, train_locally
 from common.data import SiteData
 from common.protocol import (
     ARRAYS_KEY,
+    BUDGET_SPENT_METRIC,
+    REASON_KEY,
     CHECKPOINT_KEY,
     CONFIG_KEY,
     EVAL_SPLITS,
@@ -29,6 +40,8 @@ from common.provenance.log import CHECKPOINT_FILE, durable_append
 from common.provenance.records import Checkpoint, load_public_key
 
 PROVENANCE_STATE = "provenance"
+PRIVACY_STATE = "privacy"
+log = logging.getLogger("causalfed.client")
 
 
 def _global_model(message: Message):
@@ -50,22 +63,54 @@ def handle_query(site: SiteData) -> RecordDict:
     return RecordDict({PROFILE_KEY: profile.to_record()})
 
 
-def handle_train(message: Message, site: SiteData) -> RecordDict:
+def _dp_settings(instructions: TrainInstructions, site: SiteData, budget: float | None) -> DPSettings:
+    # Calibrated so the planned rounds spend exactly the federation's target epsilon.
+    per_epoch = batches_per_epoch(num_examples=len(site.train), batch_size=instructions.batch_size)
+    noise = calibrated_noise_multiplier(
+        target_epsilon=instructions.dp_target_epsilon,
+        delta=instructions.dp_delta,
+        sample_rate=1.0 / per_epoch,
+        total_steps=instructions.num_rounds * instructions.local_epochs * per_epoch,
+    )
+    return DPSettings(
+        noise_multiplier=noise,
+        max_grad_norm=instructions.dp_max_grad_norm,
+        delta=instructions.dp_delta,
+        budget=budget if budget is not None else instructions.dp_target_epsilon,
+    )
+
+
+def _train_with_privacy(model, site, objective, instructions, context, budget, **options) -> dict[str, float]:
+    """DP-SGD with the ledger from ``context.state``: epsilon accumulates over rounds."""
+    saved = context.state.config_records.get(PRIVACY_STATE)
+    ledger = PrivacyLedger.from_json(str(saved["ledger"])) if saved is not None else PrivacyLedger()
+    stats = train_privately(model, site.train, objective, _dp_settings(instructions, site, budget), ledger, **options)
+    context.state[PRIVACY_STATE] = ConfigRecord({"ledger": ledger.to_json(), "epsilon": stats["dp-epsilon"]})
+    return stats
+
+
+def handle_train(message: Message, site: SiteData, context: Context, *, epsilon_budget: float | None = None) -> RecordDict:
     instructions = TrainInstructions.from_record(message.content.config_records.get(CONFIG_KEY))
     objective = build_objective(
         instructions.objective, instructions.params(), server_round=instructions.server_round
     )
     model = _global_model(message)
-    stats = train_locally(
-        model,
-        site.train,
-        objective,
-        epochs=instructions.local_epochs,
-        batch_size=instructions.batch_size,
-        learning_rate=instructions.learning_rate,
-        weight_decay=instructions.weight_decay,
-        seed=_round_seed(instructions, site),
-    )
+    options = {
+        "epochs": instructions.local_epochs,
+        "batch_size": instructions.batch_size,
+        "learning_rate": instructions.learning_rate,
+        "weight_decay": instructions.weight_decay,
+        "seed": _round_seed(instructions, site),
+    }
+    if instructions.dp_target_epsilon > 0:
+        try:
+            stats = _train_with_privacy(model, site, objective, instructions, context, epsilon_budget, **options)
+        except PrivacyBudgetSpent as spent:
+            log.warning("%s: %s", site.name, spent)
+            metrics = MetricRecord({BUDGET_SPENT_METRIC: 1, "num-examples": 0})
+            return RecordDict({METRICS_KEY: metrics, CONFIG_KEY: ConfigRecord({REASON_KEY: str(spent)})})
+    else:
+        stats = train_locally(model, site.train, objective, **options)
     metrics = MetricRecord({f"train-{k}": float(v) for k, v in stats.items()})
     metrics["num-examples"] = len(site.train)
     return RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
@@ -117,6 +162,7 @@ def _node_path(context: Context, key: str, fallback: Path | None) -> Path | None
 def build_client_app(
     site_source: SiteSource = site_from_node_config,
     *,
+    budget_source: BudgetSource = budget_from_node_config,
     torch_threads: int | None = None,
     checkpoint_dir: Path | None = None,
     server_key: bytes | None = None,
@@ -126,7 +172,8 @@ def build_client_app(
     ``torch_threads=1`` suits simulations where several virtual clients share the cores.
     ``checkpoint_dir`` (or node config ``checkpoint-dir``) is where the hospital keeps the
     server's signed log checkpoints; ``server_key`` (or ``server-key``, a PEM path) pins
-    the key they must be signed with.
+    the key they must be signed with. ``budget_source(context)`` gives the hospital's own
+    DP epsilon budget (node config ``epsilon-budget``), if it set one.
     """
     app = ClientApp()
 
@@ -141,7 +188,8 @@ def build_client_app(
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return Message(handle_train(message, site(context)), reply_to=message)
+        content = handle_train(message, site(context), context, epsilon_budget=budget_source(context))
+        return Message(content, reply_to=message)
 
     @app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:

@@ -24,6 +24,8 @@ class ObjectiveParams(BaseModel):
 class Objective(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
+    # DP-SGD clips per-example gradients: only valid when the loss is a mean of per-example terms.
+    per_example_loss: ClassVar[bool] = True
 
     def __init__(self, params: ObjectiveParams, *, server_round: int) -> None:
         self.params = params
@@ -108,6 +110,7 @@ class IRMv1(Objective):
 
     name = "irm"
     Params = IRMParams
+    per_example_loss = False  # the penalty couples the examples of a batch
 
     @property
     def warmup_rounds(self) -> int:

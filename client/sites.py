@@ -22,16 +22,25 @@ class SiteSource(Protocol):
     def __call__(self, context: Context) -> SiteData: ...
 
 
+class BudgetSource(Protocol):
+    def __call__(self, context: Context) -> float | None: ...
+
+
 @lru_cache(maxsize=8)
 def _load_file(path: str) -> SiteData:
     return SiteData.load(Path(path))
 
 
 @lru_cache(maxsize=8)
+def _scenario(scenario_json: str) -> Scenario:
+    return Scenario.model_validate_json(scenario_json)
+
+
+@lru_cache(maxsize=8)
 def _simulate(scenario_json: str, partition_id: int) -> SiteData:
     from simulations.datasets import build_site  # simulation code only where simulating
 
-    return build_site(Scenario.model_validate_json(scenario_json), partition_id)
+    return build_site(_scenario(scenario_json), partition_id)
 
 
 def site_from_node_config(context: Context) -> SiteData:
@@ -43,6 +52,17 @@ def site_from_node_config(context: Context) -> SiteData:
     return _load_file(str(path))
 
 
+def budget_from_node_config(context: Context) -> float | None:
+    """The hospital's own DP budget: ``--node-config 'epsilon-budget=3.0'`` (unset: the federation's)."""
+    value = context.node_config.get("epsilon-budget")
+    if value is None or value == "":
+        return None
+    budget = float(value)
+    if not budget > 0:
+        raise ValueError(f"epsilon-budget must be positive, got {value!r}")
+    return budget
+
+
 @dataclass(frozen=True)
 class ScenarioSites:
     """Simulated hospitals: node ``partition-id`` k holds site k of the scenario."""
@@ -52,3 +72,6 @@ class ScenarioSites:
     def __call__(self, context: Context) -> SiteData:
         partition_id = int(context.node_config["partition-id"])
         return _simulate(self.scenario_json, partition_id)
+
+    def epsilon_budget(self, context: Context) -> float | None:
+        return _scenario(self.scenario_json).data.sites[int(context.node_config["partition-id"])].epsilon_budget

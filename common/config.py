@@ -52,6 +52,11 @@ class Site(_Strict):
         description="P(confounder state == label) for every active confounder; 0.5 = none",
     )
     acquisition: Acquisition = Acquisition()
+    epsilon_budget: float | None = Field(
+        None, gt=0.0,
+        description="this hospital's DP budget; it stops training once another round would exceed it "
+        "(None: the federation's target_epsilon)",
+    )
 
 
 class DataConfig(_Strict):
@@ -92,6 +97,15 @@ class DataConfig(_Strict):
         return tuple(s for s in self.sites if s.role == "train")
 
 
+class PrivacyConfig(_Strict):
+    """DP-SGD at every training hospital (Opacus); noise is calibrated per hospital so the
+    planned rounds spend exactly ``target_epsilon``."""
+
+    target_epsilon: float = Field(..., gt=0.0, le=100.0)
+    delta: float = Field(1e-5, gt=0.0, lt=0.1)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+
+
 class TrainingConfig(_Strict):
     objective: str = "erm"
     objective_params: dict[str, float] = Field(default_factory=dict)
@@ -99,13 +113,19 @@ class TrainingConfig(_Strict):
     local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(64, ge=2, le=4096)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    privacy: PrivacyConfig | None = None
 
     @model_validator(mode="after")
     def _known_objective(self) -> TrainingConfig:
         # Imported here: the registry lives with the client, the config must not import torch eagerly.
-        from client.objectives import validate_objective
+        from client.objectives import OBJECTIVES, validate_objective
 
         validate_objective(self.objective, self.objective_params)
+        if self.privacy is not None and not OBJECTIVES[self.objective].per_example_loss:
+            raise ValueError(
+                f"objective {self.objective!r} is not a sum of per-example losses, so DP-SGD's "
+                "per-example clipping cannot bound its sensitivity; use it without [training.privacy]"
+            )
         return self
 
 

@@ -61,11 +61,21 @@ class TrainInstructions(_Record):
     batch_size: int = Field(alias="batch-size", ge=2)
     weight_decay: float = Field(alias="weight-decay", ge=0)
     seed: int = Field(ge=0)
+    num_rounds: int = Field(alias="num-rounds", ge=1)
+    dp_target_epsilon: float = Field(0.0, alias="dp-target-epsilon", ge=0, description="0: no DP-SGD")
+    dp_delta: float = Field(1e-5, alias="dp-delta", gt=0, lt=1)
+    dp_max_grad_norm: float = Field(1.0, alias="dp-max-grad-norm", gt=0)
 
     @classmethod
     def for_scenario(cls, scenario: Scenario, *, server_round: int = 1) -> TrainInstructions:
         training = scenario.training
-        return cls.model_validate({
+        privacy = training.privacy
+        dp = {} if privacy is None else {
+            "dp-target-epsilon": privacy.target_epsilon,
+            "dp-delta": privacy.delta,
+            "dp-max-grad-norm": privacy.max_grad_norm,
+        }
+        return cls.model_validate(dp | {
             "server-round": server_round,
             "objective": training.objective,
             "objective-params": json.dumps(training.objective_params, sort_keys=True),
@@ -74,6 +84,7 @@ class TrainInstructions(_Record):
             "batch-size": training.batch_size,
             "weight-decay": training.weight_decay,
             "seed": scenario.seed,
+            "num-rounds": scenario.federation.num_rounds,
         })
 
     def params(self) -> dict[str, Any]:
@@ -84,6 +95,12 @@ class TrainInstructions(_Record):
         if not isinstance(value, dict):
             raise ProtocolError("objective-params must be a JSON object")
         return value
+
+
+# A hospital whose privacy budget is spent answers a train message with this metric set
+# (and no model): the server stops asking it to train.
+BUDGET_SPENT_METRIC = "dp-budget-spent"
+REASON_KEY = "reason"
 
 
 def eval_metric_key(split: str, metric: str) -> str:

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log as flwr_log
 
-from common.protocol import ARRAYS_KEY, CHECKPOINT_KEY, SiteProfile
+from common.protocol import ARRAYS_KEY, CHECKPOINT_KEY, METRICS_KEY, SiteProfile
 from common.provenance.log import ProvenanceLog
 from common.provenance.records import Checkpoint
 
@@ -58,6 +58,8 @@ class RoundAuditor:
     log: ProvenanceLog
     profiles: dict[int, SiteProfile]
     updates: dict[str, str] = field(default_factory=dict)
+    verdicts: dict[str, str] = field(default_factory=dict)
+    dp: dict[str, dict[str, float]] = field(default_factory=dict)
     aggregate: str | None = None
     run_context: dict[str, str] = field(default_factory=dict)
 
@@ -80,30 +82,39 @@ class RoundAuditor:
         return self.log.append("run-start", {**self.run_context, "participants": participants})
 
     def note_updates(self, replies: list[Message]) -> None:
-        self.updates = {
-            self._site(r.metadata.src_node_id): r.content.array_records[ARRAYS_KEY].object_id
-            for r in replies
-            if not r.has_error() and ARRAYS_KEY in r.content.array_records
-        }
-        self.updates |= {self._site(r.metadata.src_node_id): "error: " + r.error.reason for r in replies if r.has_error()}
+        for reply in replies:
+            site = self._site(reply.metadata.src_node_id)
+            if reply.has_error():
+                self.updates[site] = "error: " + reply.error.reason
+                continue
+            if ARRAYS_KEY in reply.content.array_records:
+                self.updates[site] = reply.content.array_records[ARRAYS_KEY].object_id
+            metrics = reply.content.metric_records.get(METRICS_KEY) or {}
+            # The accountant's inputs, so anyone can recompute the hospital's epsilon.
+            dp = {k.removeprefix("train-dp-"): v for k, v in metrics.items() if k.startswith("train-dp-")}
+            if dp:
+                self.dp[site] = dp
+
+    def note_verdict(self, site: str, verdict: str) -> None:
+        self.verdicts[site] = verdict
 
     def note_aggregate(self, arrays: ArrayRecord | None) -> None:
         self.aggregate = arrays.object_id if arrays is not None else None
 
     def close_round(self, server_round: int, metrics: dict[str, Any]) -> Checkpoint:
-        trained = sorted(site for site, digest in self.updates.items() if not digest.startswith("error"))
+        delivered = [site for site, digest in self.updates.items() if not digest.startswith("error")]
+        verdicts = {site: "accepted" for site in delivered} | self.verdicts
         body = {
             **self.run_context,
             "round": server_round,
-            "participants": sorted(self.updates),
+            "participants": sorted(set(self.updates) | set(self.verdicts)),
             "update_sha256": self.updates,
             "aggregate_sha256": self.aggregate,
-            # No guard runs yet: every well-formed update is aggregated as it came.
-            "verdicts": {site: "accepted" for site in trained},
+            "verdicts": verdicts,
             "metrics": metrics,
-            "dp": {site: None for site in trained},  # DP-SGD off: no accountant inputs
+            "dp": {site: self.dp.get(site) for site in sorted(verdicts)},
         }
-        self.updates, self.aggregate = {}, None
+        self.updates, self.verdicts, self.dp, self.aggregate = {}, {}, {}, None
         return self.log.append("round", body)
 
     def end_run(self, *, rounds: int, final_arrays: ArrayRecord) -> Checkpoint:

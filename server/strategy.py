@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from common.protocol import METRICS_KEY, SiteProfile
+from common.protocol import BUDGET_SPENT_METRIC, CONFIG_KEY, METRICS_KEY, REASON_KEY, SiteProfile
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
+from server.screening import model_spec, update_problem
 
 
 class CausalFedAvg(FedAvg):
@@ -45,6 +46,7 @@ class CausalFedAvg(FedAvg):
         self.auditor = auditor
         self.timeout_s = timeout_s
         self._grid: Grid | None = None
+        self._sent: ArrayRecord | None = None  # the global model of this round: what updates must match
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -54,8 +56,9 @@ class CausalFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._grid = grid  # kept to hand each round's signed checkpoint to the hospitals
-        count = max(self.min_train_nodes, round(len(self.train_nodes) * self.fraction_train))
-        nodes = sorted(self._sampler.sample(self.train_nodes, count))
+        self._sent = arrays
+        wanted = max(self.min_train_nodes, round(len(self.train_nodes) * self.fraction_train))
+        nodes = sorted(self._sampler.sample(self.train_nodes, min(wanted, len(self.train_nodes))))
         log(INFO, "configure_train: %d of %d training hospitals", len(nodes), len(self.train_nodes))
         config["server-round"] = server_round
         return self._messages(arrays, config, nodes, MessageType.TRAIN)
@@ -75,14 +78,57 @@ class CausalFedAvg(FedAvg):
             values = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
             self.history.record(server_round, profile.site, {"role": profile.role, **values})
 
+    def _site(self, reply: Message) -> str:
+        node = reply.metadata.src_node_id
+        return self.profiles[node].site if node in self.profiles else f"node-{node}"
+
+    def _retire_spent_budgets(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Hospitals whose privacy budget is spent leave the training rotation for good."""
+        kept = []
+        for reply in replies:
+            metrics = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
+            if metrics is None or not metrics.get(BUDGET_SPENT_METRIC):
+                kept.append(reply)
+                continue
+            config = reply.content.config_records.get(CONFIG_KEY) or {}
+            reason = str(config.get(REASON_KEY, "privacy budget spent"))
+            log(WARNING, "%s stops training: %s", self._site(reply), reason)
+            self.train_nodes = [n for n in self.train_nodes if n != reply.metadata.src_node_id]
+            self.history.record(server_round, self._site(reply), {"training-stopped": reason})
+            if self.auditor is not None:
+                self.auditor.note_verdict(self._site(reply), f"stopped: {reason}")
+        return kept
+
+    def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Drop malformed updates (shape, dtype, size, NaN/Inf, counts) with a logged reason."""
+        spec = model_spec(self._sent) if self._sent is not None else None
+        kept = []
+        for reply in replies:
+            if reply.has_error() or spec is None:
+                kept.append(reply)
+                continue
+            profile = self.profiles.get(reply.metadata.src_node_id)
+            problem = update_problem(reply.content, spec, max_examples=profile.num_train if profile else 0)
+            if problem is None:
+                kept.append(reply)
+                continue
+            log(WARNING, "round %d: update from %s rejected: %s", server_round, self._site(reply), problem)
+            self.history.record(server_round, self._site(reply), {"update-rejected": problem})
+            if self.auditor is not None:
+                self.auditor.note_verdict(self._site(reply), f"rejected: {problem}")
+        return kept
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self._record_replies(server_round, replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        replies = self._retire_spent_budgets(server_round, list(replies))
         if self.auditor is not None:
             self.auditor.note_updates(replies)
+        replies = self._screen(server_round, replies)
+        self._record_replies(server_round, replies)
+        usable = [r for r in replies if not r.has_error()]
+        arrays, metrics = super().aggregate_train(server_round, usable) if usable else (None, None)
+        if self.auditor is not None:
             self.auditor.note_aggregate(arrays)
         return arrays, metrics
 

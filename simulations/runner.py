@@ -94,10 +94,10 @@ def run_scenario(
     provenance = open_provenance(run_dir) if run_dir else None
     server_app = build_server_app(scenario, history, model_path=model_path, provenance=provenance)
     sites = ScenarioSites(scenario.canonical_json())
-    client_options = {}
+    client_options: dict = {"budget_source": sites.epsilon_budget}
     if provenance is not None:
         # Each simulated hospital keeps the checkpoints in its own folder and pins the key.
-        client_options = {
+        client_options |= {
             "checkpoint_dir": run_dir / HOSPITALS_DIR,
             "server_key": public_pem(provenance.signing_key.public_key()),
         }
