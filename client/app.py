@@ -37,6 +37,7 @@ from common.protocol import (
     eval_metric_key,
 )
 from common.provenance.log import CHECKPOINT_FILE, durable_append
+from common.files import atomic_write_text
 from common.provenance.records import Checkpoint, load_public_key
 
 PROVENANCE_STATE = "provenance"
@@ -80,16 +81,42 @@ def _dp_settings(instructions: TrainInstructions, site: SiteData, budget: float 
     )
 
 
-def _train_with_privacy(model, site, objective, instructions, context, budget, **options) -> dict[str, float]:
-    """DP-SGD with the ledger from ``context.state``: epsilon accumulates over rounds."""
+LEDGER_FILE = "privacy-ledger.json"
+
+
+def _load_ledger(context: Context, ledger_path: Path | None) -> PrivacyLedger:
+    """The longer of the ledgers in node state and on the hospital's disk.
+
+    The disk copy survives a restart of the federation (a resumed run is a new Flower run
+    with empty node state): without it a hospital would start counting from zero again.
+    """
     saved = context.state.config_records.get(PRIVACY_STATE)
-    ledger = PrivacyLedger.from_json(str(saved["ledger"])) if saved is not None else PrivacyLedger()
+    ledgers = [PrivacyLedger.from_json(str(saved["ledger"])) if saved is not None else PrivacyLedger()]
+    if ledger_path is not None and ledger_path.is_file():
+        ledgers.append(PrivacyLedger.from_json(ledger_path.read_text()))
+    return max(ledgers, key=lambda ledger: len(ledger.entries))
+
+
+def _train_with_privacy(
+    model, site, objective, instructions, context, budget, ledger_path: Path | None, **options
+) -> dict[str, float]:
+    """DP-SGD with a ledger that accumulates epsilon over every round this hospital trained."""
+    ledger = _load_ledger(context, ledger_path)
     stats = train_privately(model, site.train, objective, _dp_settings(instructions, site, budget), ledger, **options)
     context.state[PRIVACY_STATE] = ConfigRecord({"ledger": ledger.to_json(), "epsilon": stats["dp-epsilon"]})
+    if ledger_path is not None:
+        atomic_write_text(ledger_path, ledger.to_json())
     return stats
 
 
-def handle_train(message: Message, site: SiteData, context: Context, *, epsilon_budget: float | None = None) -> RecordDict:
+def handle_train(
+    message: Message,
+    site: SiteData,
+    context: Context,
+    *,
+    epsilon_budget: float | None = None,
+    state_dir: Path | None = None,
+) -> RecordDict:
     instructions = TrainInstructions.from_record(message.content.config_records.get(CONFIG_KEY))
     objective = build_objective(
         instructions.objective, instructions.params(), server_round=instructions.server_round
@@ -104,7 +131,10 @@ def handle_train(message: Message, site: SiteData, context: Context, *, epsilon_
     }
     if instructions.dp_target_epsilon > 0:
         try:
-            stats = _train_with_privacy(model, site, objective, instructions, context, epsilon_budget, **options)
+            ledger_path = state_dir / site.name / LEDGER_FILE if state_dir else None
+            stats = _train_with_privacy(
+                model, site, objective, instructions, context, epsilon_budget, ledger_path, **options
+            )
         except PrivacyBudgetSpent as spent:
             log.warning("%s: %s", site.name, spent)
             metrics = MetricRecord({BUDGET_SPENT_METRIC: 1, "num-examples": 0})
@@ -171,7 +201,7 @@ def build_client_app(
 
     ``torch_threads=1`` suits simulations where several virtual clients share the cores.
     ``checkpoint_dir`` (or node config ``checkpoint-dir``) is where the hospital keeps the
-    server's signed log checkpoints; ``server_key`` (or ``server-key``, a PEM path) pins
+    server's signed log checkpoints and its privacy ledger; ``server_key`` (or ``server-key``, a PEM path) pins
     the key they must be signed with. ``budget_source(context)`` gives the hospital's own
     DP epsilon budget (node config ``epsilon-budget``), if it set one.
     """
@@ -188,7 +218,13 @@ def build_client_app(
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        content = handle_train(message, site(context), context, epsilon_budget=budget_source(context))
+        content = handle_train(
+            message,
+            site(context),
+            context,
+            epsilon_budget=budget_source(context),
+            state_dir=_node_path(context, "checkpoint-dir", checkpoint_dir),
+        )
         return Message(content, reply_to=message)
 
     @app.evaluate()

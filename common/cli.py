@@ -27,21 +27,28 @@ def simulate(
     engine: Optional[str] = typer.Option(
         None, "--engine", help="'ray' (Flower's simulation engine) or 'inprocess' (no Ray, for quick runs)"
     ),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="continue a crashed run in this run folder from its last completed round"
+    ),
 ) -> None:
     """Run a full local multi-site federation and write metrics.json and report.html."""
+    from server.resume import ResumeError
     from simulations.report import write_report
-    from simulations.runner import new_run_dir, run_scenario
+    from simulations.runner import load_run_scenario, new_run_dir, run_scenario
 
+    if resume is not None and (config or rounds):
+        console.print("[red]error:[/red] --resume continues the run's own scenario; drop --config/--rounds")
+        raise typer.Exit(2)
     try:
-        scenario = load_scenario(config)
+        scenario = load_run_scenario(resume) if resume else load_scenario(config)
         if rounds is not None:
             scenario = scenario.with_overrides(federation={"num_rounds": rounds})
-        if engine is not None:
+        if engine is not None and resume is None:  # a resumed run keeps its scenario (and digest)
             scenario = scenario.with_overrides(federation={"engine": engine})
-    except (ScenarioError, ValueError) as error:
+    except (ScenarioError, ResumeError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
-    run_dir = new_run_dir(out, scenario)
+    run_dir = resume or new_run_dir(out, scenario)
     console.print(
         f"scenario [bold]{scenario.name}[/bold]: {len(scenario.data.sites)} hospitals, "
         f"objective {scenario.training.objective}, {scenario.federation.num_rounds} rounds, "
@@ -60,9 +67,17 @@ def simulate(
             progress.update(task, completed=server_round, description=text)
 
         try:
-            history = run_scenario(scenario, run_dir=run_dir, on_round=on_round)
+            history = run_scenario(
+                scenario, run_dir=run_dir, on_round=on_round, resume=resume is not None, engine=engine
+            )
+        except ResumeError as error:
+            console.print(f"[red]cannot resume:[/red] {error}")
+            raise typer.Exit(2) from None
         except Exception as error:  # noqa: BLE001 - tell the user plainly, keep what was written
-            console.print(f"[red]federation failed:[/red] {error}\n(partial results in {run_dir})")
+            console.print(
+                f"[red]federation failed:[/red] {error}\n(partial results in {run_dir}; "
+                f"continue with: causalfed simulate --resume {run_dir})"
+            )
             raise typer.Exit(1) from None
     report = write_report(run_dir, history, scenario)
     from common.provenance.verify import verify_log

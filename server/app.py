@@ -17,6 +17,7 @@ from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions
 from common.provenance.log import PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
+from server.resume import ServerState
 from server.strategy import CausalFedAvg
 
 
@@ -72,8 +73,14 @@ def run_federation(
     *,
     model_path: Path | None = None,
     provenance: ProvenanceLog | None = None,
+    state_path: Path | None = None,
+    resume_from: ServerState | None = None,
 ) -> ArrayRecord:
-    """Train the scenario's federation to the end; returns the final global model."""
+    """Train the scenario's federation to the end; returns the final global model.
+
+    ``state_path`` receives the server state after every round; ``resume_from`` continues
+    a run from such a state (same scenario, same hospitals).
+    """
     federation = scenario.federation
     nodes = wait_for_nodes(grid, expected=len(scenario.data.sites), timeout_s=federation.round_timeout_s)
     profiles = query_profiles(grid, nodes, timeout_s=federation.round_timeout_s)
@@ -81,7 +88,10 @@ def run_federation(
     auditor = RoundAuditor(provenance, profiles) if provenance is not None else None
     if auditor is not None:
         start = auditor.start_run(
-            config_sha256=scenario.digest(), fab_hash=grid.run.fab_hash, identities=node_identities(grid)
+            config_sha256=scenario.digest(),
+            fab_hash=grid.run.fab_hash,
+            identities=node_identities(grid),
+            resumed_after=resume_from.completed_round if resume_from else None,
         )
         deliver_checkpoint(grid, nodes, start, timeout_s=federation.round_timeout_s)
     strategy = CausalFedAvg(
@@ -91,15 +101,20 @@ def run_federation(
         seed=scenario.seed,
         auditor=auditor,
         timeout_s=federation.round_timeout_s,
+        state_path=state_path,
+        resume_from=resume_from,
     )
-    initial = ArrayRecord(new_model(seed=scenario.seed).state_dict())
+    done = resume_from.completed_round if resume_from else 0
+    if done > federation.num_rounds:
+        raise FederationError(f"the saved state is at round {done}, past the scenario's {federation.num_rounds}")
+    initial = resume_from.to_arrayrecord() if resume_from else ArrayRecord(new_model(seed=scenario.seed).state_dict())
     # Evaluation gets the training recipe too: hospitals report the objective's value on
     # their validation split, which is what model selection minimises.
     instructions = TrainInstructions.for_scenario(scenario).to_record()
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=federation.num_rounds,
+        num_rounds=federation.num_rounds - done,
         timeout=federation.round_timeout_s,
         train_config=instructions,
         evaluate_config=ConfigRecord(dict(instructions)),
@@ -112,18 +127,13 @@ def run_federation(
     return result.arrays
 
 
-def build_server_app(
-    scenario: Scenario,
-    history: RunHistory,
-    *,
-    model_path: Path | None = None,
-    provenance: ProvenanceLog | None = None,
-) -> ServerApp:
+def build_server_app(scenario: Scenario, history: RunHistory, **options) -> ServerApp:
+    """A ServerApp running ``run_federation(grid, scenario, history, **options)``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, scenario, history, model_path=model_path, provenance=provenance)
+        run_federation(grid, scenario, history, **options)
 
     return app
 

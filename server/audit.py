@@ -66,7 +66,10 @@ class RoundAuditor:
     def _site(self, node: int) -> str:
         return self.profiles[node].site if node in self.profiles else f"node-{node}"
 
-    def start_run(self, *, config_sha256: str, fab_hash: str, identities: dict[int, str]) -> Checkpoint:
+    def start_run(
+        self, *, config_sha256: str, fab_hash: str, identities: dict[int, str], resumed_after: int | None = None
+    ) -> Checkpoint:
+        """The run-start record, or ``run-resume`` when continuing after round ``resumed_after``."""
         # Node ids are 64-bit: as strings, since canonical JSON numbers stop at 2**53.
         participants = [
             {"node": str(node), "site": p.site, "role": p.role, "num_train": p.num_train, "identity": identities.get(node, "")}
@@ -79,6 +82,9 @@ class RoundAuditor:
             "code_sha256": source_tree_sha256(),
             "fab_hash": fab_hash,
         }
+        if resumed_after is not None:
+            body = {**self.run_context, "participants": participants, "resumed_after_round": resumed_after}
+            return self.log.append("run-resume", body)
         return self.log.append("run-start", {**self.run_context, "participants": participants})
 
     def note_updates(self, replies: list[Message]) -> None:

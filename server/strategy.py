@@ -15,9 +15,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from pathlib import Path
+
 from common.protocol import BUDGET_SPENT_METRIC, CONFIG_KEY, METRICS_KEY, REASON_KEY, SiteProfile
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
+from server.resume import ServerState
 from server.screening import model_spec, update_problem
 
 
@@ -31,6 +34,8 @@ class CausalFedAvg(FedAvg):
         seed: int = 0,
         auditor: RoundAuditor | None = None,
         timeout_s: float = 600.0,
+        state_path: Path | None = None,
+        resume_from: ServerState | None = None,
     ) -> None:
         train_nodes = [n for n, p in profiles.items() if p.role == "train"]
         super().__init__(
@@ -47,6 +52,28 @@ class CausalFedAvg(FedAvg):
         self.timeout_s = timeout_s
         self._grid: Grid | None = None
         self._sent: ArrayRecord | None = None  # the global model of this round: what updates must match
+        self._evaluated: ArrayRecord | None = None  # the global model after this round
+        self.state_path = state_path
+        # Flower numbers rounds from 1 on every start: a resumed run shifts them.
+        self.round_offset = 0
+        if resume_from is not None:
+            self._resume(resume_from)
+
+    def _resume(self, state: ServerState) -> None:
+        self.round_offset = state.completed_round
+        retired = set(state.retired_sites)
+        self.train_nodes = [n for n in self.train_nodes if self.profiles[n].site not in retired]
+        if state.sampler_state is not None:
+            self._sampler.setstate(state.sampler_state)
+
+    def _save_state(self, server_round: int) -> None:
+        if self.state_path is None or self._evaluated is None:
+            return
+        training = {self.profiles[n].site for n in self.train_nodes}
+        retired = sorted(p.site for p in self.profiles.values() if p.role == "train" and p.site not in training)
+        ServerState(server_round, ServerState.numpy_arrays(self._evaluated), retired, self._sampler.getstate()).save(
+            self.state_path
+        )
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -55,6 +82,7 @@ class CausalFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._grid = grid  # kept to hand each round's signed checkpoint to the hospitals
         self._sent = arrays
         wanted = max(self.min_train_nodes, round(len(self.train_nodes) * self.fraction_train))
@@ -66,6 +94,8 @@ class CausalFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
+        self._evaluated = arrays
         config["server-round"] = server_round
         return self._messages(arrays, config, sorted(self.profiles), MessageType.EVALUATE)
 
@@ -121,6 +151,7 @@ class CausalFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = self._retire_spent_budgets(server_round, list(replies))
         if self.auditor is not None:
             self.auditor.note_updates(replies)
@@ -133,6 +164,7 @@ class CausalFedAvg(FedAvg):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         self._record_replies(server_round, replies)
         self.history.close_round(server_round)
@@ -140,4 +172,5 @@ class CausalFedAvg(FedAvg):
             checkpoint = self.auditor.close_round(server_round, self.history.rounds.get(server_round, {}))
             if self._grid is not None:
                 deliver_checkpoint(self._grid, sorted(self.profiles), checkpoint, timeout_s=self.timeout_s)
+        self._save_state(server_round)  # last: the state only names rounds that are fully recorded
         return super().aggregate_evaluate(server_round, replies)

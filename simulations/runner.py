@@ -21,7 +21,9 @@ from common.config import Scenario
 from common.provenance.log import HOSPITALS_DIR, PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from common.provenance.records import public_pem
 from server.app import build_server_app
-from server.history import RunHistory, atomic_write_text
+from common.files import atomic_write_text
+from server.history import RunHistory, load_history
+from server.resume import STATE_FILE, ResumeError, ServerState
 from simulations.local_grid import LocalGrid
 
 RoundCallback = Callable[[int, dict], None]
@@ -74,9 +76,15 @@ def run_scenario(
     run_dir: Path | None = None,
     on_round: RoundCallback | None = None,
     engine: str | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Run the federation; returns the metrics history (also written to ``run_dir``)."""
+    """Run the federation; returns the metrics history (also written to ``run_dir``).
+
+    ``resume``: continue the run in ``run_dir`` from its last completed round (after a
+    crash); its scenario must be this one.
+    """
     engine = engine or scenario.federation.engine
+    state, earlier = (_saved_run(run_dir, scenario) if resume else (None, {}))
     meta = {
         "scenario": scenario.name,
         "config-sha256": scenario.digest(),
@@ -86,13 +94,21 @@ def run_scenario(
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     history = RunHistory(
-        meta=meta, path=run_dir / "metrics.json" if run_dir else None, on_round=on_round
+        meta=earlier.get("meta", meta), path=run_dir / "metrics.json" if run_dir else None, on_round=on_round
     )
-    if run_dir is not None:
+    history.rounds = {r["round"]: r["sites"] for r in earlier.get("rounds", [])}
+    if run_dir is not None and state is None:
         atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.model_dump(mode="json"), indent=1))
     model_path = run_dir / "model.pt" if run_dir else None
     provenance = open_provenance(run_dir) if run_dir else None
-    server_app = build_server_app(scenario, history, model_path=model_path, provenance=provenance)
+    server_app = build_server_app(
+        scenario,
+        history,
+        model_path=model_path,
+        provenance=provenance,
+        state_path=run_dir / STATE_FILE if run_dir else None,
+        resume_from=state,
+    )
     sites = ScenarioSites(scenario.canonical_json())
     client_options: dict = {"budget_source": sites.epsilon_budget}
     if provenance is not None:
@@ -117,6 +133,26 @@ def run_scenario(
     history.meta["seconds"] = round(time.monotonic() - started, 1)
     history.save()
     return history.as_dict()
+
+
+def _saved_run(run_dir: Path | None, scenario: Scenario) -> tuple[ServerState, dict]:
+    """The last completed round's server state and the metrics up to it."""
+    if run_dir is None:
+        raise ResumeError("resuming needs the run folder")
+    if load_run_scenario(run_dir).digest() != scenario.digest():
+        raise ResumeError(f"{run_dir} was started with a different scenario; resume it with its own scenario.json")
+    state = ServerState.load(run_dir / STATE_FILE)
+    history = load_history(run_dir / "metrics.json")
+    # Rounds past the saved state were cut short by the crash: they are run again.
+    history["rounds"] = [r for r in history["rounds"] if r["round"] <= state.completed_round]
+    return state, history
+
+
+def load_run_scenario(run_dir: Path) -> Scenario:
+    path = run_dir / "scenario.json"
+    if not path.is_file():
+        raise ResumeError(f"{run_dir} has no scenario.json: not a run folder")
+    return Scenario.model_validate_json(path.read_text())
 
 
 def _run_with_ray(server_app, client_app, num_nodes: int) -> None:
