@@ -108,6 +108,31 @@ def _print_summary(history: dict) -> None:
 
 
 @cli.command()
+def certs(
+    out: Path = typer.Argument(..., help="folder receiving the CA, SuperLink and hospital keys"),
+    hospital: list[str] = typer.Option(..., "--hospital", "-H", help="a hospital name (repeat for each)"),
+    host: list[str] = typer.Option(
+        ["localhost", "127.0.0.1"], "--host", help="a name or IP the SuperLink is reached at (repeat)"
+    ),
+    days: int = typer.Option(365, "--days", min=1, help="certificate validity"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the keys already in OUT"),
+) -> None:
+    """Generate TLS certificates and SuperNode authentication keys for a deployment."""
+    from common.certs import CertificateError, generate_deployment_keys
+
+    try:
+        keys = generate_deployment_keys(out, hospitals=hospital, server_hosts=host, days=days, overwrite=overwrite)
+    except CertificateError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"CA: {keys.ca_certificate} (keep {out / 'ca.key'} offline)")
+    console.print(f"SuperLink TLS: {keys.server_certificate}; provenance signing key: {keys.provenance_key}")
+    for name in hospital:
+        console.print(f"{name}: give {keys.hospital_dir(name)}/ to the hospital; register its key with\n"
+                      f"  flwr supernode register {keys.node_public_key(name)} <superlink> --name {name}")
+
+
+@cli.command()
 def scenarios() -> None:
     """List the built-in scenarios."""
     for name in builtin_scenarios():

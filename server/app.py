@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from logging import WARNING
 from pathlib import Path
@@ -13,11 +14,12 @@ from flwr.supercore import log as flwr_log
 
 from client.task import new_model
 from common.config import Scenario, load_scenario
+from common.files import atomic_write_text
 from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions
 from common.provenance.log import PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from server.audit import RoundAuditor, deliver_checkpoint
-from server.history import RunHistory
-from server.resume import ServerState
+from server.history import RunHistory, load_history
+from server.resume import STATE_FILE, ServerState
 from server.strategy import CausalFedAvg
 
 
@@ -139,20 +141,39 @@ def build_server_app(scenario: Scenario, history: RunHistory, **options) -> Serv
 
 
 # Deployed SuperLinks run this object (pyproject: [tool.flwr.app.components]); the scenario
-# and output folder come from the run config.
+# and output folder come from the run config ([tool.flwr.app.config]).
 app = ServerApp()
+
+
+def _deployed_scenario(run_config) -> Scenario:
+    scenario = load_scenario(str(run_config.get("scenario", "default")))
+    rounds = int(run_config.get("num-server-rounds", 0) or 0)
+    return scenario.with_overrides(federation={"num_rounds": rounds}) if rounds > 0 else scenario
 
 
 @app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
-    scenario = load_scenario(str(context.run_config.get("scenario", "default")))
-    rounds = context.run_config.get("num-server-rounds")
-    if rounds is not None:
-        scenario = scenario.with_overrides(federation={"num_rounds": int(rounds)})
-    run_dir = Path(str(context.run_config.get("run-dir", "runs/deployed")))
-    history = RunHistory(meta={"scenario": scenario.name}, path=run_dir / "metrics.json")
-    key = load_or_create_key(Path(str(context.run_config.get("signing-key", "keys/server_ed25519.pem"))))
+    config = context.run_config
+    scenario = _deployed_scenario(config)
+    run_dir = Path(str(config.get("run-dir", "runs/deployed")))
+    resume_from, rounds = None, {}
+    if bool(config.get("resume", False)):
+        resume_from = ServerState.load(run_dir / STATE_FILE)
+        saved = load_history(run_dir / "metrics.json")
+        rounds = {r["round"]: r["sites"] for r in saved["rounds"] if r["round"] <= resume_from.completed_round}
+    history = RunHistory(meta={"scenario": scenario.name, "config-sha256": scenario.digest()}, path=run_dir / "metrics.json")
+    history.rounds = rounds
+    atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.model_dump(mode="json"), indent=1))
+    key = load_or_create_key(Path(str(config.get("signing-key", "keys/server_ed25519.pem"))))
     provenance = ProvenanceLog.open(run_dir / PROVENANCE_DIR, signing_key=key, log_id=f"run-{grid.run.run_id}")
     for message in provenance.recovery_messages:
         flwr_log(WARNING, "provenance: %s", message)
-    run_federation(grid, scenario, history, model_path=run_dir / "model.pt", provenance=provenance)
+    run_federation(
+        grid,
+        scenario,
+        history,
+        model_path=run_dir / "model.pt",
+        provenance=provenance,
+        state_path=run_dir / STATE_FILE,
+        resume_from=resume_from,
+    )
