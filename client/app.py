@@ -20,7 +20,7 @@ from client.privacy import (
     train_privately,
 )
 from client.sites import BudgetSource, SiteSource, budget_from_node_config, site_from_node_config
-from client.task import evaluate, load_numpy_state, new_model, train_locally
+from client.task import evaluate, load_numpy_state, new_model, prior_shift_offset, train_locally
 from common.data import SiteData
 from common.protocol import (
     ARRAYS_KEY,
@@ -45,10 +45,10 @@ PRIVACY_STATE = "privacy"
 log = logging.getLogger("causalfed.client")
 
 
-def _global_model(message: Message):
+def _global_model(message: Message, site: SiteData):
     if ARRAYS_KEY not in message.content.array_records:
         raise ProtocolError(f"message carries no '{ARRAYS_KEY}' ArrayRecord")
-    model = new_model(seed=0)
+    model = new_model(seed=0, input_shape=site.train.input_shape)
     record = message.content.array_records[ARRAYS_KEY]
     load_numpy_state(model, {key: array.numpy() for key, array in record.items()})
     return model
@@ -60,7 +60,8 @@ def _round_seed(instructions: TrainInstructions, site: SiteData) -> int:
 
 
 def handle_query(site: SiteData) -> RecordDict:
-    profile = SiteProfile(site=site.name, role=site.role, **{"num-train": len(site.train)})
+    counts = {"num-train": len(site.train), "num-positive": int(site.train.labels.sum())}
+    profile = SiteProfile(site=site.name, role=site.role, **counts)
     return RecordDict({PROFILE_KEY: profile.to_record()})
 
 
@@ -121,7 +122,7 @@ def handle_train(
     objective = build_objective(
         instructions.objective, instructions.params(), server_round=instructions.server_round
     )
-    model = _global_model(message)
+    model = _global_model(message, site)
     options = {
         "epochs": instructions.local_epochs,
         "batch_size": instructions.batch_size,
@@ -151,10 +152,17 @@ def handle_evaluate(message: Message, site: SiteData) -> RecordDict:
     objective = build_objective(
         instructions.objective, instructions.params(), server_round=instructions.server_round
     )
-    model = _global_model(message)
+    model = _global_model(message, site)
+    offset = 0.0
+    if instructions.prior_adjustment:
+        offset = prior_shift_offset(
+            local_positive=int(site.train.labels.sum()),
+            local_total=len(site.train),
+            reference_prevalence=instructions.federation_prevalence,
+        )
     metrics = MetricRecord({"num-examples": len(site.test)})
     for split in EVAL_SPLITS:
-        for name, value in evaluate(model, site.split(split), objective).items():
+        for name, value in evaluate(model, site.split(split), objective, logit_offset=offset).items():
             metrics[eval_metric_key(split, name)] = value
     return RecordDict({METRICS_KEY: metrics})
 

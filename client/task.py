@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data import Split
+from common.data import IMAGE_SHAPE, Split
 from common.metrics import binary_metrics
 
 if TYPE_CHECKING:
@@ -37,9 +38,27 @@ class ChestNet(nn.Module):
         return self.head(self.features(images)).squeeze(-1)
 
 
-def new_model(*, seed: int) -> ChestNet:
+class TabularNet(nn.Module):
+    """Logistic regression on standardised feature rows (FLamby's Fed-Heart-Disease baseline),
+    with the same ``features``/``head`` split as ChestNet so every objective applies."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.features = nn.Identity()
+        self.head = nn.Linear(num_features, 1)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(rows)).squeeze(-1)
+
+
+def new_model(*, seed: int, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> nn.Module:
+    """ChestNet for 28x28 images, TabularNet for feature rows of shape (d,)."""
     torch.manual_seed(seed)
-    return ChestNet()
+    if tuple(input_shape) == IMAGE_SHAPE:
+        return ChestNet()
+    if len(input_shape) == 1 and input_shape[0] > 0:
+        return TabularNet(input_shape[0])
+    raise ValueError(f"no model for inputs of shape {tuple(input_shape)}")
 
 
 def state_to_numpy(model: nn.Module) -> OrderedDict[str, np.ndarray]:
@@ -67,7 +86,7 @@ def _as_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_locally(
-    model: ChestNet,
+    model: nn.Module,
     split: Split,
     objective: Objective,
     *,
@@ -101,18 +120,40 @@ def train_locally(
     return {key: value / max(steps, 1) for key, value in totals.items()} | {"steps": float(steps)}
 
 
+def logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def prior_shift_offset(*, local_positive: int, local_total: int, reference_prevalence: float) -> float:
+    """Logit offset turning P(y|x) under the reference prior into P(y|x) under the local one.
+
+    Under label shift (P(x|y) shared, P(y) not), Bayes' rule gives
+    logit P_local(y|x) = logit P_ref(y|x) + logit p_local - logit p_ref. The local
+    prevalence is Laplace-smoothed, so a hospital with only positives stays finite.
+    """
+    local = (local_positive + 1) / (local_total + 2)
+    return logit(local) - logit(reference_prevalence)
+
+
 @torch.no_grad()
-def predict_scores(model: ChestNet, images: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
-    """Probabilities of label 1."""
+def predict_scores(
+    model: nn.Module, images: np.ndarray, *, batch_size: int = 512, logit_offset: float = 0.0
+) -> np.ndarray:
+    """Probabilities of label 1 (after adding ``logit_offset`` to the model's logit)."""
     model.eval()
     tensor = torch.as_tensor(images, dtype=torch.float32)
-    outputs = [torch.sigmoid(model(tensor[i : i + batch_size])) for i in range(0, len(tensor), batch_size)]
+    outputs = [
+        torch.sigmoid(model(tensor[i : i + batch_size]) + logit_offset) for i in range(0, len(tensor), batch_size)
+    ]
     return torch.cat(outputs).numpy() if outputs else np.zeros(0, dtype=np.float32)
 
 
-def evaluate(model: ChestNet, split: Split, objective: Objective | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, split: Split, objective: Objective | None = None, *, logit_offset: float = 0.0
+) -> dict[str, float]:
     """AUROC, accuracy and log-loss of the model on one split (and the objective's value)."""
-    metrics = binary_metrics(labels=split.labels, scores=predict_scores(model, split.images))
+    scores = predict_scores(model, split.images, logit_offset=logit_offset)
+    metrics = binary_metrics(labels=split.labels, scores=scores)
     if objective is not None:
         images, labels = _as_tensors(split)
         metrics["objective"] = objective.validation_loss(model, images, labels) if len(labels) > 1 else float("nan")

@@ -48,8 +48,9 @@ class Site(_Strict):
     n_samples: int = Field(1000, ge=40, le=200_000)
     prevalence: float = Field(0.5, gt=0.0, lt=1.0, description="P(lesion) at this site")
     correlation: float = Field(
-        ..., ge=0.0, le=1.0,
-        description="P(confounder state == label) for every active confounder; 0.5 = none",
+        0.5, ge=0.0, le=1.0,
+        description="P(confounder state == label) for every active confounder; 0.5 = none "
+        "(simulated and MedMNIST sites; real tabular hospitals ignore it)",
     )
     acquisition: Acquisition = Acquisition()
     epsilon_budget: float | None = Field(
@@ -60,9 +61,15 @@ class Site(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["synthetic", "medmnist"] = "synthetic"
+    source: Literal["synthetic", "medmnist", "heart_disease"] = "synthetic"
     medmnist_file: str | None = Field(
         None, description="path to a MedMNIST .npz (binary labels) when source = 'medmnist'"
+    )
+    heart_disease_dir: str = Field(
+        "../shared/data/heart_disease", description="the UCI files when source = 'heart_disease'"
+    )
+    missing: Literal["flamby", "indicators"] = Field(
+        "flamby", description="heart disease: FLamby's drop convention, or mean-fill with missingness indicators"
     )
     label_noise: float = Field(0.2, ge=0.0, lt=0.5, description="P(label != lesion)")
     lesion_intensity: float = Field(0.3, gt=0.0, le=1.0)
@@ -90,7 +97,23 @@ class DataConfig(_Strict):
             raise ValueError("source = 'medmnist' needs medmnist_file")
         if self.source == "medmnist" and "sex" in self.confounders:
             raise ValueError("the 'sex' confounder changes simulated anatomy; real images cannot take it")
+        if self.source == "heart_disease":
+            known = ("cleveland", "hungary", "switzerland", "va")
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(f"heart-disease sites are the real hospitals {list(known)}; unknown: {unknown}")
         return self
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """What one case looks like to the model: an image, or a row of features."""
+        if self.source == "heart_disease":
+            from simulations.heart_disease import feature_names
+
+            return (len(feature_names(self.missing)),)
+        from common.data import IMAGE_SHAPE
+
+        return IMAGE_SHAPE
 
     @property
     def train_sites(self) -> tuple[Site, ...]:
@@ -114,6 +137,11 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(64, ge=2, le=4096)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     privacy: PrivacyConfig | None = None
+    prior_adjustment: bool = Field(
+        False,
+        description="each hospital shifts the global model's logit by its own prior odds against the "
+        "federation's (P(Y) differs by site, P(X|Y) is shared): Bayes' rule under label shift",
+    )
 
     @model_validator(mode="after")
     def _known_objective(self) -> TrainingConfig:

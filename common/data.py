@@ -1,6 +1,8 @@
 """Site datasets as plain arrays: what one hospital holds, split into train/val/test.
 
-Images are float32 in [0, 1] with shape (n, 1, 28, 28); labels are int64 in {0, 1}.
+Images are float32 in [0, 1] with shape (n, 1, 28, 28); a tabular hospital (e.g. the UCI
+heart-disease sites) holds feature rows of shape (n, d) in the same field. Labels are int64
+in {0, 1}.
 ``confounders`` keeps the hidden state of every simulated confounder per image, so tests
 and analyses can check the causal structure; a real hospital's file simply has none.
 """
@@ -23,8 +25,9 @@ class Split:
     confounders: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.shape[1:] != IMAGE_SHAPE:
-            raise ValueError(f"images must have shape (n, 1, 28, 28), got {self.images.shape}")
+        is_image = self.images.ndim == 4 and self.images.shape[1:] == IMAGE_SHAPE
+        if not (is_image or self.images.ndim == 2):
+            raise ValueError(f"inputs must be images (n, 1, 28, 28) or feature rows (n, d), got {self.images.shape}")
         if len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         if len(self.labels) and not np.isin(self.labels, (0, 1)).all():
@@ -32,6 +35,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
 
     def subset(self, index: np.ndarray) -> Split:
         return Split(

@@ -48,6 +48,9 @@ class SiteProfile(_Record):
     site: str = Field(min_length=1)
     role: str = Field(pattern="^(train|heldout)$")
     num_train: int = Field(alias="num-train", ge=0)
+    # Label count only (no cases): lets the server tell every hospital the federation's
+    # prevalence, against which each corrects for its own (prior-shift adjustment).
+    num_positive: int = Field(0, alias="num-positive", ge=0)
 
 
 class TrainInstructions(_Record):
@@ -65,6 +68,8 @@ class TrainInstructions(_Record):
     dp_target_epsilon: float = Field(0.0, alias="dp-target-epsilon", ge=0, description="0: no DP-SGD")
     dp_delta: float = Field(1e-5, alias="dp-delta", gt=0, lt=1)
     dp_max_grad_norm: float = Field(1.0, alias="dp-max-grad-norm", gt=0)
+    prior_adjustment: bool = Field(False, alias="prior-adjustment")
+    federation_prevalence: float = Field(0.5, alias="federation-prevalence", gt=0, lt=1)
 
     @classmethod
     def for_scenario(cls, scenario: Scenario, *, server_round: int = 1) -> TrainInstructions:
@@ -85,6 +90,7 @@ class TrainInstructions(_Record):
             "weight-decay": training.weight_decay,
             "seed": scenario.seed,
             "num-rounds": scenario.federation.num_rounds,
+            "prior-adjustment": training.prior_adjustment,
         })
 
     def params(self) -> dict[str, Any]:
@@ -101,6 +107,13 @@ class TrainInstructions(_Record):
 # (and no model): the server stops asking it to train.
 BUDGET_SPENT_METRIC = "dp-budget-spent"
 REASON_KEY = "reason"
+
+
+def federation_prevalence(profiles: list[SiteProfile]) -> float:
+    """P(y=1) over the training hospitals' training cases, Laplace-smoothed."""
+    training = [p for p in profiles if p.role == "train"]
+    positives = sum(p.num_positive for p in training)
+    return (positives + 1) / (sum(p.num_train for p in training) + 2)
 
 
 def eval_metric_key(split: str, metric: str) -> str:

@@ -18,6 +18,10 @@ def build_site(scenario: Scenario, site_index: int) -> SiteData:
         raise ValueError(f"site index {site_index} out of range: scenario has {len(data.sites)} sites")
     if data.source == "synthetic":
         return make_site(data, site_index, seed=scenario.seed)
+    if data.source == "heart_disease":
+        from simulations.heart_disease import heart_disease_site
+
+        return heart_disease_site(data, site_index)
     return medmnist_site(data, site_index, seed=scenario.seed)
 
 
