@@ -133,6 +133,55 @@ def certs(
 
 
 @cli.command()
+def explain(
+    run_dir: Path = typer.Argument(..., help="a run folder written by `causalfed simulate`"),
+    site: str = typer.Option(..., "--site", "-s", help="the hospital whose performance changed"),
+) -> None:
+    """Attribute a hospital's performance change to prevalence, acquisition and annotation shifts."""
+    import json
+
+    import torch
+
+    from client.task import new_model
+    from common.files import atomic_write_text
+    from server.explain import MECHANISMS, explain_drop
+    from server.resume import ResumeError
+    from simulations.datasets import build_site
+    from simulations.runner import load_run_scenario
+
+    try:
+        scenario = load_run_scenario(run_dir)
+        if not (run_dir / "model.pt").is_file():
+            raise ResumeError(f"{run_dir} has no model.pt: the run did not finish")
+    except ResumeError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    names = [s.name for s in scenario.data.sites]
+    if site not in names:
+        console.print(f"[red]error:[/red] no hospital {site!r} in this run; hospitals: {names}")
+        raise typer.Exit(2)
+    model = new_model(seed=0, input_shape=scenario.data.input_shape)
+    model.load_state_dict(torch.load(run_dir / "model.pt"))
+    hospitals = [build_site(scenario, i) for i in range(len(names))]
+    sources = [(h.test.images, h.test.labels) for h in hospitals if h.role == "train" and h.name != site]
+    target = next(h for h in hospitals if h.name == site)
+    results = explain_drop(model, sources, (target.test.images, target.test.labels))
+    table = Table(title=f"{site}: change from the training hospitals, by mechanism (Shapley)")
+    for column in ("metric", "training sites", site, "explained", *MECHANISMS, "outside source support"):
+        table.add_column(column)
+    for result in results:
+        table.add_row(
+            result.metric, f"{result.source_loss:.3f}", f"{result.target_loss:.3f}", f"{result.reweighted_loss:.3f}",
+            *(f"{result.shares[m]:+.3f}" for m in MECHANISMS), f"{result.target_loss - result.reweighted_loss:+.3f}",
+        )
+    console.print(table)
+    console.print(f"largest share of the log-loss change: [bold]{results[0].dominant}[/bold]")
+    out = run_dir / f"explain-{site}.json"
+    atomic_write_text(out, json.dumps([r.as_dict() for r in results], indent=1))
+    console.print(f"written: {out}")
+
+
+@cli.command()
 def scenarios() -> None:
     """List the built-in scenarios."""
     for name in builtin_scenarios():

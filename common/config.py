@@ -53,6 +53,9 @@ class Site(_Strict):
         "(simulated and MedMNIST sites; real tabular hospitals ignore it)",
     )
     acquisition: Acquisition = Acquisition()
+    label_noise: float | None = Field(
+        None, ge=0.0, lt=0.5, description="this site's annotation noise (None: the scenario's label_noise)"
+    )
     epsilon_budget: float | None = Field(
         None, gt=0.0,
         description="this hospital's DP budget; it stops training once another round would exceed it "

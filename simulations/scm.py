@@ -124,7 +124,8 @@ def simulate_cases(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Draw ``n`` patients of one site: images (n, 28, 28), labels, confounder states."""
     lesion = (rng.random(n) < site.prevalence).astype(np.int64)
-    label_flip = rng.random(n) < config.label_noise
+    noise = config.label_noise if site.label_noise is None else site.label_noise
+    label_flip = rng.random(n) < noise
     labels = np.where(label_flip, 1 - lesion, lesion)
     states = {
         name: confounder_states(labels, correlation=site.correlation, rng=rng)
