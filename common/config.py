@@ -160,11 +160,40 @@ class TrainingConfig(_Strict):
         return self
 
 
+class GuardConfig(_Strict):
+    """The server guard (server/guard.py): causal dependency graph over client updates."""
+
+    enabled: bool = True
+    fdr: float = Field(0.01, gt=0.0, lt=0.5, description="false-discovery rate across clients, per round")
+    validation_cases: int = Field(200, ge=0, le=10_000, description="server-side clean validation set (0: none)")
+
+
+AggregationName = Literal["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean"]
+
+
 class FederationConfig(_Strict):
     num_rounds: int = Field(20, ge=1, le=10_000)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     engine: Literal["ray", "inprocess"] = "ray"
     round_timeout_s: float = Field(600.0, gt=0.0)
+    aggregation: AggregationName = Field("fedavg", description="Flower's rule behind the guard (robust baselines)")
+    assumed_malicious: int = Field(0, ge=0, description="what Krum/MultiKrum/Bulyan are told to tolerate")
+    guard: GuardConfig | None = None
+
+
+class AttackConfig(_Strict):
+    """Simulation only: which hospitals attack, and how (simulations/attacks.py)."""
+
+    name: str
+    malicious: tuple[str, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _known_attack(self) -> AttackConfig:
+        from simulations.attacks import ATTACKS
+
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}; registered: {sorted(ATTACKS)}")
+        return self
 
 
 class Scenario(_Strict):
@@ -173,6 +202,18 @@ class Scenario(_Strict):
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
     federation: FederationConfig = FederationConfig()
+    attack: AttackConfig | None = None
+
+    @model_validator(mode="after")
+    def _attackers_exist(self) -> Scenario:
+        if self.attack is not None:
+            train = {s.name for s in self.data.sites if s.role == "train"}
+            unknown = sorted(set(self.attack.malicious) - train)
+            if unknown:
+                raise ValueError(f"attackers must be training hospitals; not one: {unknown}")
+            if self.federation.engine != "inprocess":
+                raise ValueError("attack simulations run on the in-process engine (attackers see honest updates)")
+        return self
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON form: identifies this exact configuration."""
@@ -185,7 +226,7 @@ class Scenario(_Strict):
         """A copy with some fields replaced, re-validated (e.g. ``training={"objective": "irm"}``)."""
         raw = self.model_dump(mode="json")
         for section, values in sections.items():
-            if isinstance(raw.get(section), dict):
+            if isinstance(raw.get(section), dict) and isinstance(values, dict):
                 raw[section].update(values)
             else:
                 raw[section] = values

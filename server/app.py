@@ -20,7 +20,9 @@ from common.provenance.log import PROVENANCE_DIR, ProvenanceLog, load_or_create_
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory, load_history
 from server.resume import STATE_FILE, ServerState
-from server.strategy import CausalFedAvg
+from server.guard import CausalGuard
+from server.guard_round import ValidationProbe
+from server.strategy import aggregation_options, strategy_class
 
 
 class FederationError(RuntimeError):
@@ -77,11 +79,14 @@ def run_federation(
     provenance: ProvenanceLog | None = None,
     state_path: Path | None = None,
     resume_from: ServerState | None = None,
+    probe: ValidationProbe | None = None,
+    report_dir: Path | None = None,
 ) -> ArrayRecord:
     """Train the scenario's federation to the end; returns the final global model.
 
     ``state_path`` receives the server state after every round; ``resume_from`` continues
-    a run from such a state (same scenario, same hospitals).
+    a run from such a state (same scenario, same hospitals). With the scenario's guard on,
+    ``probe`` is the server's validation set and ``report_dir`` receives anomaly reports.
     """
     federation = scenario.federation
     nodes = wait_for_nodes(grid, expected=len(scenario.data.sites), timeout_s=federation.round_timeout_s)
@@ -96,7 +101,13 @@ def run_federation(
             resumed_after=resume_from.completed_round if resume_from else None,
         )
         deliver_checkpoint(grid, nodes, start, timeout_s=federation.round_timeout_s)
-    strategy = CausalFedAvg(
+    guard_config = federation.guard
+    guard = CausalGuard(fdr=guard_config.fdr, seed=scenario.seed) if guard_config and guard_config.enabled else None
+    strategy = strategy_class(federation.aggregation)(
+        guard=guard,
+        probe=probe if guard is not None else None,
+        report_dir=report_dir,
+        **aggregation_options(federation.aggregation, assumed_malicious=federation.assumed_malicious),
         profiles=profiles,
         history=history,
         fraction_train=federation.fraction_train,

@@ -12,6 +12,7 @@ from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp import strategy as strategies
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
@@ -21,6 +22,8 @@ from common.protocol import BUDGET_SPENT_METRIC, CONFIG_KEY, METRICS_KEY, REASON
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
 from server.resume import ServerState
+from server.guard import CausalGuard
+from server.guard_round import ValidationProbe, guard_replies, write_anomaly_report
 from server.screening import model_spec, update_problem
 
 
@@ -36,6 +39,10 @@ class CausalFedAvg(FedAvg):
         timeout_s: float = 600.0,
         state_path: Path | None = None,
         resume_from: ServerState | None = None,
+        guard: CausalGuard | None = None,
+        probe: ValidationProbe | None = None,
+        report_dir: Path | None = None,
+        **strategy_options,
     ) -> None:
         train_nodes = [n for n, p in profiles.items() if p.role == "train"]
         super().__init__(
@@ -43,7 +50,9 @@ class CausalFedAvg(FedAvg):
             min_train_nodes=min(2, len(train_nodes)),
             min_evaluate_nodes=len(profiles),
             min_available_nodes=len(profiles),
+            **strategy_options,  # e.g. Krum's num_malicious_nodes when a baseline mixes in
         )
+        self.guard, self.probe, self.report_dir = guard, probe, report_dir
         self.profiles = profiles
         self.train_nodes = sorted(train_nodes)
         self.history = history
@@ -148,6 +157,29 @@ class CausalFedAvg(FedAvg):
                 self.auditor.note_verdict(self._site(reply), f"rejected: {problem}")
         return kept
 
+    def _apply_guard(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Judge every update; drop the flagged ones, down-weight the borderline ones."""
+        sites = [self._site(r) for r in replies]
+        verdicts, graph = guard_replies(self.guard, replies, self._sent, sites, self.probe)
+        if self.report_dir is not None:
+            write_anomaly_report(self.report_dir, server_round, verdicts, graph)
+        kept = []
+        for reply, verdict in zip(replies, verdicts):
+            summary = {"guard-flagged": float(verdict.flagged), "guard-confidence": 1 - verdict.combined_p}
+            self.history.record(server_round, verdict.client, summary)
+            if verdict.flagged:
+                log(WARNING, "round %d: guard excludes %s: %s", server_round, verdict.client, "; ".join(verdict.reasons))
+                if self.auditor is not None:
+                    self.auditor.note_verdict(verdict.client, "rejected: guard: " + "; ".join(verdict.reasons))
+                continue
+            if verdict.weight < 1.0:
+                metrics = reply.content.metric_records[METRICS_KEY]
+                metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * verdict.weight))
+                if self.auditor is not None:
+                    self.auditor.note_verdict(verdict.client, f"down-weighted x{verdict.weight:g}")
+            kept.append(reply)
+        return kept
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -158,6 +190,8 @@ class CausalFedAvg(FedAvg):
         replies = self._screen(server_round, replies)
         self._record_replies(server_round, replies)
         usable = [r for r in replies if not r.has_error()]
+        if self.guard is not None and len(usable) >= 3:
+            usable = self._apply_guard(server_round, usable)
         arrays, metrics = super().aggregate_train(server_round, usable) if usable else (None, None)
         if self.auditor is not None:
             self.auditor.note_aggregate(arrays)
@@ -174,3 +208,27 @@ class CausalFedAvg(FedAvg):
                 deliver_checkpoint(self._grid, sorted(self.profiles), checkpoint, timeout_s=self.timeout_s)
         self._save_state(server_round)  # last: the state only names rounds that are fully recorded
         return super().aggregate_evaluate(server_round, replies)
+
+
+# Flower's robust rules as baselines: the same hospital handling, a different aggregate.
+ROBUST_RULES = {
+    "fedavg": None,
+    "krum": strategies.Krum,
+    "multikrum": strategies.MultiKrum,
+    "bulyan": strategies.Bulyan,
+    "median": strategies.FedMedian,
+    "trimmed-mean": strategies.FedTrimmedAvg,
+}
+
+
+def strategy_class(aggregation: str) -> type[CausalFedAvg]:
+    rule = ROBUST_RULES[aggregation]
+    if rule is None:
+        return CausalFedAvg
+    return type(f"Causal{rule.__name__}", (CausalFedAvg, rule), {})
+
+
+def aggregation_options(aggregation: str, *, assumed_malicious: int) -> dict:
+    if aggregation in ("krum", "multikrum", "bulyan"):
+        return {"num_malicious_nodes": assumed_malicious}
+    return {}

@@ -82,3 +82,18 @@ def medmnist_site(data: DataConfig, site_index: int, *, seed: int) -> SiteData:
     full = Split(images=acquired[:, None], labels=site_labels, confounders=states)
     parts = split_indices(len(index), val_fraction=data.val_fraction, test_fraction=data.test_fraction, rng=rng)
     return SiteData(name=site.name, role=site.role, **{k: full.subset(v) for k, v in parts.items()})
+
+
+def server_validation_split(scenario: Scenario) -> Split | None:
+    """The coordinator's small clean validation set: cases like the training hospitals'
+    but with no shortcut (correlation 0.5), drawn from the scenario's own world."""
+    guard = scenario.federation.guard
+    if guard is None or guard.validation_cases == 0 or scenario.data.source == "heart_disease":
+        return None
+    raw = scenario.model_dump(mode="json")
+    template = dict(next(s for s in raw["data"]["sites"] if s["role"] == "train"))
+    n = max(40, round(guard.validation_cases / (1 - raw["data"]["val_fraction"] - raw["data"]["test_fraction"])))
+    template |= {"name": "server-validation", "correlation": 0.5, "n_samples": n}
+    raw["data"]["sites"].append(template)
+    world = Scenario.model_validate(raw | {"attack": None})
+    return build_site(world, len(raw["data"]["sites"]) - 1).train

@@ -81,6 +81,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _epsilon_spent(history: dict[str, Any], site: str) -> float | None:
+    spent = [r["sites"].get(site, {}).get("train-dp-epsilon") for r in history["rounds"]]
+    spent = [value for value in spent if value is not None]
+    return max(spent) if spent else None
+
+
 def _site_rows(history: dict[str, Any], scenario: Scenario, selected: int) -> list[list[Any]]:
     by_round = {r["round"]: r["sites"] for r in history["rounds"]}
     final = history["rounds"][-1]["round"]
@@ -91,8 +97,64 @@ def _site_rows(history: dict[str, Any], scenario: Scenario, selected: int) -> li
             site.name, site.role, site.correlation, site.prevalence,
             at_selected.get("val-auroc") if site.role == "train" else None,
             at_selected.get("test-auroc"), at_final.get("test-auroc"), at_final.get("test-accuracy"),
+            _epsilon_spent(history, site.name),
         ])
     return rows
+
+
+def _anomaly_reports(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "anomalies").glob("round-*.json"))]
+
+
+def plot_anomaly_graph(reports: list[dict[str, Any]], path: Path) -> str:
+    """Left: the dependency graph (edges seen in any round, flagged clients in red).
+    Right: per round and client, the guard's combined evidence (-log10 p)."""
+    import networkx as nx
+    import numpy as np
+
+    clients = sorted({v["client"] for r in reports for v in r["verdicts"]})
+    flags = {c: sum(c in r["flagged"] for r in reports) for c in clients}
+    graph = nx.Graph()
+    graph.add_nodes_from(clients)
+    for report in reports:
+        for edge in report["edges"]:
+            weight = graph.get_edge_data(edge["a"], edge["b"], {"weight": 0})["weight"]
+            graph.add_edge(edge["a"], edge["b"], weight=weight + 1)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    layout = nx.circular_layout(graph)
+    colours = ["#d62728" if flags[c] else "#1f77b4" for c in clients]
+    sizes = [300 + 120 * flags[c] for c in clients]
+    widths = [1 + graph[a][b]["weight"] for a, b in graph.edges]
+    nx.draw_networkx(graph, layout, ax=left, node_color=colours, node_size=sizes, width=widths, font_size=7)
+    left.set_title("dependence edges (width: rounds seen); red: flagged")
+    left.axis("off")
+    evidence = np.array([[next((-math.log10(max(1 - v["confidence"], 1e-12)) for v in r["verdicts"] if v["client"] == c), 0.0)
+                          for r in reports] for c in clients])
+    image = right.imshow(evidence, aspect="auto", cmap="Reds", vmin=0, vmax=max(4.0, float(evidence.max())))
+    right.set_yticks(range(len(clients)), clients, fontsize=7)
+    right.set_xticks(range(len(reports)), [r["round"] for r in reports], fontsize=7)
+    right.set_xlabel("round")
+    right.set_title("guard evidence, -log10 p (combined)")
+    figure.colorbar(image, ax=right)
+    return _figure_to_png(figure, path)
+
+
+def _anomaly_section(run_dir: Path) -> str:
+    reports = _anomaly_reports(run_dir)
+    if not reports:
+        return "<h2>Anomalies</h2><p>The server guard was off in this run.</p>"
+    png = plot_anomaly_graph(reports, run_dir / "anomaly_graph.png")
+    rows = [[r["round"], v["client"], v["confidence"], "; ".join(v["evidence"])]
+            for r in reports for v in r["verdicts"] if v["flagged"]]
+    flagged = _table(["round", "hospital", "confidence", "evidence"], rows) if rows else "<p>No update was flagged.</p>"
+    return (
+        "<h2>Anomalies (server guard)</h2><p>Every update was inspected before aggregation: its own forecast, "
+        "magnitude, alignment, dependence on other hospitals' updates and the effect of leaving it out on the "
+        "server's validation set. Flagged updates were excluded. Per-round JSON: <code>anomalies/</code>.</p>"
+        f"{flagged}<img src=\"data:image/png;base64,{png}\" alt=\"anomaly graph\">"
+    )
 
 
 def _provenance_section(run_dir: Path) -> str:
@@ -120,7 +182,13 @@ def write_report(run_dir: Path, history: dict[str, Any], scenario: Scenario) -> 
     selected = select_round(history, warmup_rounds=warmup)
     auroc_png = plot_metric(history, "test-auroc", "test AUROC per hospital", run_dir / "auroc.png", selected=selected)
     loss_png = plot_metric(history, "train-risk", "local training risk", run_dir / "train_risk.png", selected=None)
-    samples_png = plot_samples(scenario, run_dir / "samples.png")
+    images = scenario.data.source != "heart_disease"  # tabular hospitals have no pictures
+    samples_html = ""
+    if images:
+        samples_png = plot_samples(scenario, run_dir / "samples.png")
+        samples_html = f"""<h2>What each hospital's images look like</h2>
+<img src="data:image/png;base64,{samples_png}" alt="sample images">"""
+    anomaly_html = _anomaly_section(run_dir)
     meta = history["meta"]
     provenance_html = _provenance_section(run_dir)
     summary_rows = [
@@ -145,13 +213,13 @@ the held-out hospital plays no part in either choice.</p>
 {_table(["model", "i.i.d. AUROC", "o.o.d. AUROC", "worst training site"], summary_rows)}
 <h2>Per hospital</h2>
 {_table(["hospital", "role", "shortcut correlation", "prevalence", "val AUROC (selected)",
-         "test AUROC (selected)", "test AUROC (final)", "test accuracy (final)"],
+         "test AUROC (selected)", "test AUROC (final)", "test accuracy (final)", "DP epsilon spent"],
         _site_rows(history, scenario, selected))}
 <img src="data:image/png;base64,{auroc_png}" alt="AUROC per round">
 <img src="data:image/png;base64,{loss_png}" alt="training risk per round">
+{anomaly_html}
 {provenance_html}
-<h2>What each hospital's images look like</h2>
-<img src="data:image/png;base64,{samples_png}" alt="sample images">
+{samples_html}
 <p>Files: <code>metrics.json</code> (every round, every hospital), <code>scenario.json</code>,
 <code>model.pt</code> (final global model), <code>flower.log</code>.</p>
 </body></html>"""

@@ -24,6 +24,10 @@ from server.app import build_server_app
 from common.files import atomic_write_text
 from server.history import RunHistory, load_history
 from server.resume import STATE_FILE, ResumeError, ServerState
+from client.task import new_model
+from server.guard_round import ValidationProbe
+from simulations.attacks import ATTACKS, Attack, AttackingGrid, PoisonedSites
+from simulations.datasets import server_validation_split
 from simulations.local_grid import LocalGrid
 
 RoundCallback = Callable[[int, dict], None]
@@ -108,8 +112,13 @@ def run_scenario(
         provenance=provenance,
         state_path=run_dir / STATE_FILE if run_dir else None,
         resume_from=state,
+        probe=_validation_probe(scenario),
+        report_dir=run_dir,
     )
     sites = ScenarioSites(scenario.canonical_json())
+    attack = _attack(scenario, sites)
+    if attack is not None:
+        sites = attack[1]
     client_options: dict = {"budget_source": sites.epsilon_budget}
     if provenance is not None:
         # Each simulated hospital keeps the checkpoints in its own folder and pins the key.
@@ -120,7 +129,12 @@ def run_scenario(
     started = time.monotonic()
     with flower_logs_to(run_dir / "flower.log" if run_dir else None):
         if engine == "inprocess":
-            grid = LocalGrid(build_client_app(sites, **client_options), num_nodes=len(scenario.data.sites))
+            client_app = build_client_app(sites, **client_options)
+            if attack is not None:
+                grid = AttackingGrid(client_app, num_nodes=len(scenario.data.sites), attack=attack[0],
+                                     malicious=set(sites.malicious), seed=scenario.seed)
+            else:
+                grid = LocalGrid(client_app, num_nodes=len(scenario.data.sites))
             server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
         else:
             client_app = build_client_app(sites, torch_threads=1, **client_options)
@@ -133,6 +147,22 @@ def run_scenario(
     history.meta["seconds"] = round(time.monotonic() - started, 1)
     history.save()
     return history.as_dict()
+
+
+def _validation_probe(scenario: Scenario) -> ValidationProbe | None:
+    split = server_validation_split(scenario)
+    if split is None:
+        return None
+    return ValidationProbe(split, lambda: new_model(seed=0, input_shape=scenario.data.input_shape))
+
+
+def _attack(scenario: Scenario, sites: ScenarioSites) -> tuple[Attack, PoisonedSites] | None:
+    if scenario.attack is None:
+        return None
+    attack = ATTACKS[scenario.attack.name]()
+    names = [s.name for s in scenario.data.sites]
+    malicious = frozenset(names.index(name) for name in scenario.attack.malicious)
+    return attack, PoisonedSites(sites, attack, malicious, seed=scenario.seed)
 
 
 def _saved_run(run_dir: Path | None, scenario: Scenario) -> tuple[ServerState, dict]:

@@ -1,0 +1,93 @@
+"""Glue between Flower replies and the guard: flatten updates, leave-one-out on the server's
+validation set, per-round anomaly reports (JSON)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, Message
+
+from common.data import Split
+from common.files import atomic_write_text
+from common.protocol import ARRAYS_KEY, METRICS_KEY
+from server.guard import CausalGuard, Verdict
+
+ANOMALY_DIR = "anomalies"
+
+
+def flatten(record: ArrayRecord, names: list[str]) -> np.ndarray:
+    return np.concatenate([record[name].numpy().astype(np.float64).ravel() for name in names])
+
+
+@dataclass
+class ValidationProbe:
+    """The server's small clean validation set, and how to score a flat parameter vector."""
+
+    split: Split
+    build_model: Callable[[], torch.nn.Module]
+
+    def loss(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
+        model = self.build_model()
+        state, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            size = int(np.prod(shape, dtype=np.int64))
+            state[name] = torch.as_tensor(flat[offset : offset + size].reshape(shape), dtype=torch.float32)
+            offset += size
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.as_tensor(self.split.images, dtype=torch.float32))
+            return float(F.binary_cross_entropy_with_logits(logits, torch.as_tensor(self.split.labels).float()))
+
+
+def leave_one_out_effects(
+    vectors: np.ndarray, weights: np.ndarray, probe: ValidationProbe, names: list[str], shapes: list[tuple[int, ...]]
+) -> tuple[np.ndarray, float]:
+    """Validation loss of the aggregate without each client, minus with all of them."""
+    total = weights @ vectors
+    everyone = probe.loss(total / weights.sum(), names, shapes)
+    effects = np.array([
+        probe.loss((total - w * v) / (weights.sum() - w), names, shapes) - everyone
+        for v, w in zip(vectors, weights)
+    ])
+    return effects, everyone
+
+
+def guard_replies(
+    guard: CausalGuard,
+    replies: list[Message],
+    global_arrays: ArrayRecord,
+    sites: list[str],
+    probe: ValidationProbe | None,
+) -> tuple[list[Verdict], dict]:
+    names = list(global_arrays.keys())
+    shapes = [tuple(global_arrays[name].shape) for name in names]
+    start = flatten(global_arrays, names)
+    vectors = np.stack([flatten(r.content.array_records[ARRAYS_KEY], names) for r in replies])
+    sketches = np.stack([guard.sketch(v - start) for v in vectors])
+    weights = np.array([float(r.content.metric_records[METRICS_KEY]["num-examples"]) for r in replies])
+    effects, base = (None, None)
+    if probe is not None:
+        effects, base = leave_one_out_effects(vectors, weights, probe, names, shapes)
+    verdicts, graph = guard.judge(sites, sketches, effects)
+    graph["validation_loss"] = base
+    return verdicts, graph
+
+
+def write_anomaly_report(folder: Path, server_round: int, verdicts: list[Verdict], graph: dict) -> Path:
+    path = folder / ANOMALY_DIR / f"round-{server_round:03d}.json"
+    body = {
+        "round": server_round,
+        "flagged": [v.client for v in verdicts if v.flagged],
+        "verdicts": [v.as_dict() for v in verdicts],
+        "edges": [{"a": a, "b": b, "partial_correlation": w} for a, b, w in graph.get("edges", [])],
+        "validation_loss": graph.get("validation_loss"),
+    }
+    atomic_write_text(path, json.dumps(body, indent=1))
+    return path
