@@ -6,6 +6,7 @@ import logging
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -26,6 +27,7 @@ from common.protocol import (
     ARRAYS_KEY,
     BUDGET_SPENT_METRIC,
     REASON_KEY,
+    STATISTICS_KEY,
     CHECKPOINT_KEY,
     CONFIG_KEY,
     EVAL_SPLITS,
@@ -35,6 +37,7 @@ from common.protocol import (
     SiteProfile,
     TrainInstructions,
     eval_metric_key,
+    federation_statistics,
 )
 from common.provenance.log import CHECKPOINT_FILE, durable_append
 from common.files import atomic_write_text
@@ -118,11 +121,16 @@ def handle_train(
     epsilon_budget: float | None = None,
     state_dir: Path | None = None,
 ) -> RecordDict:
-    instructions = TrainInstructions.from_record(message.content.config_records.get(CONFIG_KEY))
+    config = message.content.config_records.get(CONFIG_KEY)
+    instructions = TrainInstructions.from_record(config)
     objective = build_objective(
-        instructions.objective, instructions.params(), server_round=instructions.server_round
+        instructions.objective,
+        instructions.params(),
+        server_round=instructions.server_round,
+        federation=federation_statistics(config),
     )
     model = _global_model(message, site)
+    statistics = _statistics(objective, model, site)
     options = {
         "epochs": instructions.local_epochs,
         "batch_size": instructions.batch_size,
@@ -144,13 +152,28 @@ def handle_train(
         stats = train_locally(model, site.train, objective, **options)
     metrics = MetricRecord({f"train-{k}": float(v) for k, v in stats.items()})
     metrics["num-examples"] = len(site.train)
-    return RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
+    if statistics:
+        content[STATISTICS_KEY] = ConfigRecord({k: [float(x) for x in v] for k, v in statistics.items()})
+    return content
+
+
+def _statistics(objective, model, site: SiteData) -> dict:
+    """The objective's contribution to next round's federation statistics, at the received model."""
+    images = torch.as_tensor(site.train.images, dtype=torch.float32)
+    labels = torch.as_tensor(site.train.labels).float()
+    model.eval()
+    return {key: np.asarray(value).reshape(-1) for key, value in objective.statistics(model, images, labels).items()}
 
 
 def handle_evaluate(message: Message, site: SiteData) -> RecordDict:
-    instructions = TrainInstructions.from_record(message.content.config_records.get(CONFIG_KEY))
+    config = message.content.config_records.get(CONFIG_KEY)
+    instructions = TrainInstructions.from_record(config)
     objective = build_objective(
-        instructions.objective, instructions.params(), server_round=instructions.server_round
+        instructions.objective,
+        instructions.params(),
+        server_round=instructions.server_round,
+        federation=federation_statistics(config),
     )
     model = _global_model(message, site)
     offset = 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,12 +28,18 @@ class Objective(ABC):
     # DP-SGD clips per-example gradients: only valid when the loss is a mean of per-example terms.
     per_example_loss: ClassVar[bool] = True
 
-    def __init__(self, params: ObjectiveParams, *, server_round: int) -> None:
+    def __init__(
+        self, params: ObjectiveParams, *, server_round: int, federation: dict[str, np.ndarray] | None = None
+    ) -> None:
         self.params = params
         self.server_round = server_round
+        # Cross-hospital statistics the server broadcast this round (e.g. the mean risk).
+        self.federation = federation or {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # a shared base, not an objective
         if cls.name in OBJECTIVES:
             raise TypeError(f"objective {cls.name!r} registered twice")
         OBJECTIVES[cls.name] = cls
@@ -41,6 +48,14 @@ class Objective(ABC):
     def warmup_rounds(self) -> int:
         """Rounds before the objective is fully in force; model selection skips them."""
         return 0
+
+    def statistics(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+        """What this hospital contributes to next round's federation statistics (none by default).
+
+        Computed on its training split at the received global model; the server averages
+        each entry over hospitals, weighted by their example counts, and broadcasts it.
+        """
+        return {}
 
     @abstractmethod
     def loss(
@@ -147,5 +162,13 @@ def validate_objective(name: str, params: dict[str, Any]) -> ObjectiveParams:
         raise ValueError(f"bad parameters for objective {name!r}: {problems}") from None
 
 
-def build_objective(name: str, params: dict[str, Any], *, server_round: int) -> Objective:
-    return OBJECTIVES[name](validate_objective(name, params), server_round=server_round)
+def build_objective(
+    name: str, params: dict[str, Any], *, server_round: int, federation: dict[str, np.ndarray] | None = None
+) -> Objective:
+    return OBJECTIVES[name](validate_objective(name, params), server_round=server_round, federation=federation)
+
+
+
+# Objectives that need federation statistics live in their own module: importing it
+# registers them (at the end, as it builds on the classes above).
+import client.federated_objectives  # noqa: E402, F401

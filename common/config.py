@@ -205,6 +205,16 @@ class Scenario(_Strict):
     attack: AttackConfig | None = None
 
     @model_validator(mode="after")
+    def _robust_rule_fits(self) -> Scenario:
+        federation, n = self.federation, len(self.data.train_sites)
+        f = federation.assumed_malicious
+        if federation.aggregation in ("krum", "multikrum") and n <= 2 * f + 2:
+            raise ValueError(f"Krum tolerates f attackers among n > 2f + 2 hospitals; n = {n}, f = {f}")
+        if federation.aggregation == "bulyan" and n < 4 * f + 3:
+            raise ValueError(f"Bulyan needs n >= 4f + 3 hospitals; n = {n}, f = {f}")
+        return self
+
+    @model_validator(mode="after")
     def _attackers_exist(self) -> Scenario:
         if self.attack is not None:
             train = {s.name for s in self.data.sites if s.role == "train"}

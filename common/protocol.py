@@ -7,6 +7,8 @@ and what they may hold, so a malformed instruction fails loudly on arrival.
 from __future__ import annotations
 
 import json
+
+import numpy as np
 from typing import Any
 
 from flwr.app import ConfigRecord
@@ -107,6 +109,21 @@ class TrainInstructions(_Record):
 # (and no model): the server stops asking it to train.
 BUDGET_SPENT_METRIC = "dp-budget-spent"
 REASON_KEY = "reason"
+
+
+STATISTICS_KEY = "statistics"
+FEDERATION_PREFIX = "federation-stat-"
+
+
+def federation_statistics(config: ConfigRecord | None) -> dict[str, np.ndarray]:
+    """The cross-hospital statistics the server broadcast in this round's config."""
+    if config is None:
+        return {}
+    return {
+        key.removeprefix(FEDERATION_PREFIX): np.asarray(value, dtype=np.float64)
+        for key, value in config.items()
+        if key.startswith(FEDERATION_PREFIX)
+    }
 
 
 def federation_prevalence(profiles: list[SiteProfile]) -> float:

@@ -10,6 +10,8 @@ import random
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as strategies
@@ -18,7 +20,15 @@ from flwr.supercore import log
 
 from pathlib import Path
 
-from common.protocol import BUDGET_SPENT_METRIC, CONFIG_KEY, METRICS_KEY, REASON_KEY, SiteProfile
+from common.protocol import (
+    BUDGET_SPENT_METRIC,
+    CONFIG_KEY,
+    FEDERATION_PREFIX,
+    METRICS_KEY,
+    REASON_KEY,
+    STATISTICS_KEY,
+    SiteProfile,
+)
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
 from server.resume import ServerState
@@ -53,6 +63,7 @@ class CausalFedAvg(FedAvg):
             **strategy_options,  # e.g. Krum's num_malicious_nodes when a baseline mixes in
         )
         self.guard, self.probe, self.report_dir = guard, probe, report_dir
+        self.federation_stats: dict[str, np.ndarray] = {}  # broadcast to every hospital next round
         self.profiles = profiles
         self.train_nodes = sorted(train_nodes)
         self.history = history
@@ -98,6 +109,7 @@ class CausalFedAvg(FedAvg):
         nodes = sorted(self._sampler.sample(self.train_nodes, min(wanted, len(self.train_nodes))))
         log(INFO, "configure_train: %d of %d training hospitals", len(nodes), len(self.train_nodes))
         config["server-round"] = server_round
+        self._broadcast_statistics(config)
         return self._messages(arrays, config, nodes, MessageType.TRAIN)
 
     def configure_evaluate(
@@ -106,6 +118,7 @@ class CausalFedAvg(FedAvg):
         server_round += self.round_offset
         self._evaluated = arrays
         config["server-round"] = server_round
+        self._broadcast_statistics(config)
         return self._messages(arrays, config, sorted(self.profiles), MessageType.EVALUATE)
 
     def _record_replies(self, server_round: int, replies: list[Message]) -> None:
@@ -116,6 +129,10 @@ class CausalFedAvg(FedAvg):
             metrics: MetricRecord = reply.content.metric_records[METRICS_KEY]
             values = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
             self.history.record(server_round, profile.site, {"role": profile.role, **values})
+
+    def _broadcast_statistics(self, config: ConfigRecord) -> None:
+        for key, value in self.federation_stats.items():
+            config[FEDERATION_PREFIX + key] = [float(v) for v in value]
 
     def _site(self, reply: Message) -> str:
         node = reply.metadata.src_node_id
@@ -192,6 +209,8 @@ class CausalFedAvg(FedAvg):
         usable = [r for r in replies if not r.has_error()]
         if self.guard is not None and len(usable) >= 3:
             usable = self._apply_guard(server_round, usable)
+        if usable:
+            self.federation_stats = average_statistics(usable)
         arrays, metrics = super().aggregate_train(server_round, usable) if usable else (None, None)
         if self.auditor is not None:
             self.auditor.note_aggregate(arrays)
@@ -208,6 +227,26 @@ class CausalFedAvg(FedAvg):
                 deliver_checkpoint(self._grid, sorted(self.profiles), checkpoint, timeout_s=self.timeout_s)
         self._save_state(server_round)  # last: the state only names rounds that are fully recorded
         return super().aggregate_evaluate(server_round, replies)
+
+
+def average_statistics(replies: list[Message]) -> dict[str, np.ndarray]:
+    """Example-weighted mean of each statistic over the accepted replies (NaN entries, such
+    as a class a hospital does not have, are left out of that entry's mean)."""
+    sums: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray] = {}
+    for reply in replies:
+        record = reply.content.config_records.get(STATISTICS_KEY)
+        if record is None:
+            continue
+        count = float(reply.content.metric_records[METRICS_KEY]["num-examples"])
+        for key, values in record.items():
+            vector = np.asarray(values, dtype=np.float64).reshape(-1)
+            if key in sums and sums[key].shape != vector.shape:
+                continue  # a malformed statistic does not get a vote
+            finite = np.isfinite(vector)
+            sums[key] = sums.get(key, np.zeros_like(vector)) + np.where(finite, vector, 0.0) * count
+            weights[key] = weights.get(key, np.zeros_like(vector)) + finite * count
+    return {key: np.where(weights[key] > 0, sums[key] / np.maximum(weights[key], 1e-12), np.nan) for key in sums}
 
 
 # Flower's robust rules as baselines: the same hospital handling, a different aggregate.

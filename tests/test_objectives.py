@@ -20,11 +20,19 @@ def site():
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_registered_objective_trains(name, site):
-    """One test over the whole registry: a few epochs lower the risk, stats stay finite."""
-    objective = build_objective(name, {}, server_round=1)
+    """One test over the whole registry: a few epochs lower the risk, stats stay finite.
+
+    With federation statistics as the server would broadcast them (another hospital's, at
+    the same global model); the penalties after warm-up are checked separately below.
+    """
     model = new_model(seed=0)
     images = torch.as_tensor(site.train.images)
     labels = torch.as_tensor(site.train.labels).float()
+    other = make_site(load_scenario().data, 3, seed=0).train
+    federation = build_objective(name, {}, server_round=1).statistics(
+        model, torch.as_tensor(other.images), torch.as_tensor(other.labels).float()
+    )
+    objective = build_objective(name, {}, server_round=1, federation=federation)
     before = F.binary_cross_entropy_with_logits(model(images), labels).item()
     stats = train_locally(model, site.train, objective, epochs=3, batch_size=64, learning_rate=3e-3, weight_decay=0.0, seed=0)
     after = F.binary_cross_entropy_with_logits(model(images), labels).item()
@@ -66,3 +74,49 @@ def test_objective_validation_messages():
         validate_objective("irm", {"warmup_rounds": -1})
     with pytest.raises(ValueError, match="penalty"):
         validate_objective("erm", {"penalty": 1.0})
+
+
+@pytest.mark.parametrize("name", ["vrex", "fishr", "prototype"])
+def test_federated_penalties_switch_on_after_warmup_and_train(name, site):
+    model = new_model(seed=0)
+    other = make_site(load_scenario().data, 3, seed=0).train
+    federation = build_objective(name, {}, server_round=1).statistics(
+        model, torch.as_tensor(other.images), torch.as_tensor(other.labels).float()
+    )
+    images, labels = torch.as_tensor(site.train.images), torch.as_tensor(site.train.labels).float()
+    before = F.binary_cross_entropy_with_logits(model(images), labels).item()
+    objective = build_objective(name, {"penalty_weight": 1.0, "warmup_rounds": 2}, server_round=3, federation=federation)
+    assert objective.weight() == 1.0
+    _, stats = objective.loss(model, images[:64], labels[:64])
+    assert stats["penalty"] >= 0.0
+    train_locally(model, site.train, objective, epochs=3, batch_size=64, learning_rate=3e-3, weight_decay=0.0, seed=0)
+    assert F.binary_cross_entropy_with_logits(model(images), labels).item() < before - 0.05
+    # Without the statistic (round 1 of a federation) the penalty stays off.
+    assert "penalty" not in build_objective(name, {}, server_round=9).loss(model, images[:64], labels[:64])[1]
+
+
+def test_federation_statistics_travel_and_switch_penalties_on(small_scenario):
+    from simulations.runner import run_scenario
+
+    scenario = small_scenario.with_overrides(
+        training={"objective": "vrex", "objective_params": {"penalty_weight": 5.0, "warmup_rounds": 1}},
+        federation={"num_rounds": 3},
+    )
+    rounds = run_scenario(scenario)["rounds"]
+    trained = [m for m in rounds[0]["sites"].values() if m["role"] == "train"]
+    assert all("train-penalty" not in m for m in trained)  # round 1: no mean risk yet
+    later = [m for m in rounds[2]["sites"].values() if m["role"] == "train"]
+    assert all(m["train-penalty"] >= 0 for m in later)
+
+
+def test_server_averages_statistics_by_examples():
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from server.strategy import average_statistics
+
+    def reply(n, values):
+        content = RecordDict({"metrics": MetricRecord({"num-examples": n}), "statistics": ConfigRecord({"risk": values})})
+        return Message(content, dst_node_id=1, message_type="train")
+
+    stats = average_statistics([reply(100, [1.0, float("nan")]), reply(300, [3.0, 2.0])])
+    assert stats["risk"].tolist() == [2.5, 2.0]
