@@ -182,6 +182,40 @@ def explain(
 
 
 @cli.command()
+def adapt(
+    model_path: Path = typer.Argument(..., help="the global model (model.pt of a run)"),
+    site_file: Path = typer.Argument(..., help="the new hospital's .npz (only its images are used)"),
+    out: Path = typer.Option(..., "--out", "-o", help="where to write the adapted model"),
+    source_prevalence: float = typer.Option(0.5, "--source-prevalence", min=0.01, max=0.99,
+                                            help="the federation's prevalence the model is calibrated to"),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+) -> None:
+    """Adapt the global model to a new hospital's unlabeled images (head frozen)."""
+    import torch
+
+    from client.adapt import adapt_features
+    from client.task import evaluate, new_model
+    from common.data import SiteData
+
+    try:
+        site = SiteData.load(site_file)
+        state = torch.load(model_path)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    model = new_model(seed=0, input_shape=site.train.input_shape)
+    model.load_state_dict(state)
+    images = __import__("numpy").concatenate([site.train.images, site.val.images, site.test.images])
+    before = evaluate(model, site.test)["auroc"] if len(set(site.test.labels)) == 2 else None
+    result = adapt_features(model, images, source_prevalence=source_prevalence, epochs=epochs)
+    torch.save(model.state_dict(), out)
+    console.print(f"estimated prevalence {result.prevalence_estimate:.3f}; mean prediction entropy "
+                  f"{result.mean_entropy_before:.3f} -> {result.mean_entropy_after:.3f}; adapted model: {out}")
+    if before is not None:  # labels, if the file has them, only score the result
+        console.print(f"test AUROC (labels used for scoring only): {before:.3f} -> {evaluate(model, site.test)['auroc']:.3f}")
+
+
+@cli.command()
 def scenarios() -> None:
     """List the built-in scenarios."""
     for name in builtin_scenarios():

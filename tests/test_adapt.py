@@ -1,0 +1,55 @@
+"""Source-free onboarding: the prevalence estimate and `causalfed adapt`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.adapt import adapt_features, em_prevalence, prototype_pseudo_labels
+
+
+def test_em_recovers_a_shifted_prevalence_from_calibrated_posteriors():
+    rng = np.random.default_rng(0)
+    labels = rng.random(20_000) < 0.2  # the new hospital: 20% positives
+    # Posteriors calibrated at 50%: logit = evidence, evidence ~ N(+-1.5, 1) by class.
+    evidence = np.where(labels, 1.5, -1.5) + rng.normal(size=labels.size)
+    posteriors = 1 / (1 + np.exp(-2 * 1.5 * evidence))
+    assert em_prevalence(posteriors, source_prevalence=0.5) == pytest.approx(0.2, abs=0.02)
+
+
+def test_pseudo_labels_follow_the_nearest_prototype():
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    probabilities = torch.tensor([0.2, 0.4, 0.9, 0.6])
+    assert prototype_pseudo_labels(features, probabilities).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_adaptation_keeps_the_head_and_moves_the_features(small_scenario):
+    from client.task import new_model
+    from simulations.datasets import build_site
+
+    model = new_model(seed=0)
+    head = [p.clone() for p in model.head.parameters()]
+    features = [p.clone() for p in model.features.parameters()]
+    images = build_site(small_scenario, 4).train.images
+    result = adapt_features(model, images, epochs=2)
+    assert all(torch.equal(a, b) for a, b in zip(head, model.head.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(features, model.features.parameters()))
+    assert result.mean_entropy_after < result.mean_entropy_before
+
+
+def test_cli_adapts_and_explains_bad_input(small_scenario, tmp_path):
+    from typer.testing import CliRunner
+
+    from common.cli import cli
+    from simulations.datasets import build_site
+    from simulations.runner import run_scenario
+
+    run_scenario(small_scenario, run_dir=tmp_path)
+    build_site(small_scenario, 4).save(tmp_path / "new.npz")
+    result = CliRunner().invoke(cli, ["adapt", str(tmp_path / "model.pt"), str(tmp_path / "new.npz"),
+                                      "--out", str(tmp_path / "adapted.pt"), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "adapted.pt").is_file() and "test AUROC" in result.output
+    missing = CliRunner().invoke(cli, ["adapt", str(tmp_path / "model.pt"), str(tmp_path / "none.npz"), "--out", "x.pt"])
+    assert missing.exit_code == 2 and "not found" in missing.output
