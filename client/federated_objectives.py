@@ -127,3 +127,27 @@ class PrototypeAlignment(_Penalised):
         features = model.features(images)
         # Per coordinate: the pull does not grow with the width of the representation.
         return ((features - prototypes[labels.long()]) ** 2).mean()
+
+
+class ProxParams(ObjectiveParams):
+    mu: float = Field(0.01, ge=0.0, description="weight of the proximal term")
+
+
+class FedProx(Objective):
+    """FedProx (Li et al. 2020): risk + mu/2 * ||w - w_global||^2, the global model being
+    the one this round started from (captured at the first step)."""
+
+    name = "fedprox"
+    Params = ProxParams
+
+    def __init__(self, params, *, server_round, federation=None) -> None:
+        super().__init__(params, server_round=server_round, federation=federation)
+        self._anchor: list[torch.Tensor] | None = None
+
+    def loss(self, model, images, labels):
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if self._anchor is None:
+            self._anchor = [p.detach().clone() for p in parameters]
+        risk = F.binary_cross_entropy_with_logits(model(images), labels)
+        proximal = sum(((p - a) ** 2).sum() for p, a in zip(parameters, self._anchor))
+        return risk + 0.5 * self.params.mu * proximal, {"risk": risk.item(), "proximal": float(proximal.detach())}
