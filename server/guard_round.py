@@ -21,8 +21,19 @@ from server.guard import CausalGuard, Verdict
 ANOMALY_DIR = "anomalies"
 
 
-def flatten(record: ArrayRecord, names: list[str]) -> np.ndarray:
-    return np.concatenate([record[name].numpy().astype(np.float64).ravel() for name in names])
+def flatten(record: ArrayRecord, names: list[str] | None = None) -> np.ndarray:
+    """One float64 vector of the record's arrays, in ``names`` order (default: its own)."""
+    return np.concatenate([record[name].numpy().astype(np.float64).ravel() for name in names or list(record)])
+
+
+def unflatten(vector: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The inverse of ``flatten``: named arrays of the given shapes."""
+    arrays, offset = {}, 0
+    for name, shape in zip(names, shapes):
+        size = int(np.prod(shape, dtype=np.int64))
+        arrays[name] = vector[offset : offset + size].reshape(shape)
+        offset += size
+    return arrays
 
 
 @dataclass
@@ -34,12 +45,8 @@ class ValidationProbe:
 
     def loss(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
         model = self.build_model()
-        state, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            size = int(np.prod(shape, dtype=np.int64))
-            state[name] = torch.as_tensor(flat[offset : offset + size].reshape(shape), dtype=torch.float32)
-            offset += size
-        model.load_state_dict(state)
+        arrays = unflatten(flat, names, shapes)
+        model.load_state_dict({name: torch.as_tensor(value, dtype=torch.float32) for name, value in arrays.items()})
         model.eval()
         with torch.no_grad():
             logits = model(torch.as_tensor(self.split.images, dtype=torch.float32))

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from common.data import SiteData, Split
 from common.protocol import ARRAYS_KEY
+from server.guard_round import flatten, unflatten
 from simulations.local_grid import LocalGrid
 
 ATTACKS: dict[str, type[Attack]] = {}
@@ -178,17 +179,11 @@ class Collusion(Attack):
         return 2 * norm * direction / np.linalg.norm(direction)
 
 
-def flat(record: ArrayRecord) -> np.ndarray:
-    return np.concatenate([a.numpy().astype(np.float64).ravel() for a in record.values()])
-
-
 def unflat(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
-    arrays, offset = {}, 0
-    for name, array in like.items():
-        size = int(np.prod(array.shape, dtype=np.int64))
-        arrays[name] = Array(vector[offset : offset + size].reshape(array.shape).astype(array.numpy().dtype))
-        offset += size
-    return ArrayRecord(arrays)
+    names = list(like)
+    shapes = [tuple(like[name].shape) for name in names]
+    arrays = unflatten(vector, names, shapes)
+    return ArrayRecord({name: Array(arrays[name].astype(like[name].numpy().dtype)) for name in names})
 
 
 class AttackingGrid(LocalGrid):
@@ -210,11 +205,11 @@ class AttackingGrid(LocalGrid):
         if not attackers or not honest:
             return ids
         sent = messages[0].content.array_records[ARRAYS_KEY]
-        start = flat(sent)
-        honest_deltas = np.stack([flat(self._replies[i].content.array_records[ARRAYS_KEY]) - start for _, i in honest])
+        start = flatten(sent)
+        honest_deltas = np.stack([flatten(self._replies[i].content.array_records[ARRAYS_KEY]) - start for _, i in honest])
         for index, (_, message_id) in enumerate(attackers):
             reply = self._replies[message_id]
-            view = RoundView(start, honest_deltas, flat(reply.content.array_records[ARRAYS_KEY]) - start,
+            view = RoundView(start, honest_deltas, flatten(reply.content.array_records[ARRAYS_KEY]) - start,
                              index, len(attackers), len(trains), self.rng)
             reply.content.array_records[ARRAYS_KEY] = unflat(start + self.attack.send(view), sent)
         return ids
