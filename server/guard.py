@@ -9,7 +9,7 @@ every client a p-value with an explanation:
 - ``magnitude``: the update's norm against the client's own history (or, without one, the
   other clients). This catches free-riders and scaled model replacement.
 - ``dependence``: partial correlations between the unexplained parts (innovations) of the
-  updates. Colluders, and attacks built from other clients' updates, share structure that
+  updates (and plain correlation for near-copies, which explain each other away). Colluders, and attacks built from other clients' updates, share structure that
   independent hospitals do not. The edges form the graph.
 - ``intervention``: the exact effect of leaving this client out on a small validation
   set held by the server.
@@ -198,11 +198,18 @@ class DependenceDetector(Detector):
     # Similar hospitals do correlate (0.5-0.6 seen between honest sites); copies do far more.
     min_partial_correlation: ClassVar[float] = 0.8
 
+    # Three or more near-copies explain each other away in partial correlations, so a
+    # near-duplicate (plain correlation this high) is an edge too.
+    min_correlation: ClassVar[float] = 0.9
+
     def inspect(self, evidence: RoundEvidence) -> Finding:
         n, k = evidence.innovations.shape
         partial = partial_correlations(evidence.innovations)
+        plain = np.nan_to_num(np.corrcoef(evidence.innovations))
+        copies = np.abs(plain) >= self.min_correlation
+        partial = np.where(copies & (np.abs(plain) > np.abs(partial)), plain, partial)
         fisher = np.arctanh(np.clip(partial, -0.999999, 0.999999)) * math.sqrt(max(k - n - 1, 1))
-        strong = np.abs(partial) >= self.min_partial_correlation
+        strong = (np.abs(partial) >= self.min_partial_correlation) | copies
         np.fill_diagonal(strong, False)
         edges = [(i, j, float(partial[i, j])) for i in range(n) for j in range(i + 1, n) if strong[i, j]]
         p_values, reasons = np.ones(n), [""] * n

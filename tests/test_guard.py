@@ -144,3 +144,15 @@ def test_attack_config_is_checked(guarded):
         parse_scenario(raw | {"attack": {"name": "telepathy", "malicious": ["hospital-01"]}})
     with pytest.raises(ScenarioError, match="training hospitals"):
         parse_scenario(raw | {"attack": {"name": "ipm", "malicious": ["hospital-99"]}})
+
+
+def test_three_near_copies_are_all_linked():
+    rng = np.random.default_rng(5)
+    sketches = rng.normal(size=(10, 512))
+    shared = 3 * rng.normal(size=512)
+    for i in (1, 2, 3):
+        sketches[i] = shared + 0.1 * rng.normal(size=512)
+    verdicts, graph = CausalGuard().judge([f"h{i}" for i in range(10)], sketches)
+    linked = {c for a, b, _ in graph["edges"] for c in (a, b)}
+    assert {"h1", "h2", "h3"} <= linked
+    assert [v.client for v in verdicts if v.flagged] == ["h1", "h2", "h3"]
