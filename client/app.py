@@ -163,7 +163,10 @@ def _statistics(objective, model, site: SiteData) -> dict:
     images = torch.as_tensor(site.train.images, dtype=torch.float32)
     labels = torch.as_tensor(site.train.labels).float()
     model.eval()
-    return {key: np.asarray(value).reshape(-1) for key, value in objective.statistics(model, images, labels).items()}
+    try:
+        return {key: np.asarray(value).reshape(-1) for key, value in objective.statistics(model, images, labels).items()}
+    finally:
+        model.train()  # training follows (and Opacus insists on training mode)
 
 
 def handle_evaluate(message: Message, site: SiteData) -> RecordDict:

@@ -133,6 +133,7 @@ def train_privately(
     sample_rate = 1.0 / per_epoch
     check_budget(ledger, settings, sample_rate=sample_rate, steps=epochs * per_epoch)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    model.train()
     private_model, dp_optimizer, loader = _make_private(model, optimizer, split, settings, batch_size=batch_size, seed=seed)
     try:
         totals, steps = _private_epochs(private_model, dp_optimizer, loader, objective, epochs=epochs)
