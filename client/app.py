@@ -57,6 +57,19 @@ def _global_model(message: Message, site: SiteData):
     return model
 
 
+def _round_setup(message: Message, site: SiteData):
+    """This round's recipe, its objective (with the federation's statistics) and the global model."""
+    config = message.content.config_records.get(CONFIG_KEY)
+    instructions = TrainInstructions.from_record(config)
+    objective = build_objective(
+        instructions.objective,
+        instructions.params(),
+        server_round=instructions.server_round,
+        federation=federation_statistics(config),
+    )
+    return instructions, objective, _global_model(message, site)
+
+
 def _round_seed(instructions: TrainInstructions, site: SiteData) -> int:
     # Different shuffles per site and round, yet reproducible for a given scenario seed.
     return zlib.crc32(f"{instructions.seed}/{site.name}/{instructions.server_round}".encode())
@@ -121,15 +134,7 @@ def handle_train(
     epsilon_budget: float | None = None,
     state_dir: Path | None = None,
 ) -> RecordDict:
-    config = message.content.config_records.get(CONFIG_KEY)
-    instructions = TrainInstructions.from_record(config)
-    objective = build_objective(
-        instructions.objective,
-        instructions.params(),
-        server_round=instructions.server_round,
-        federation=federation_statistics(config),
-    )
-    model = _global_model(message, site)
+    instructions, objective, model = _round_setup(message, site)
     statistics = _statistics(objective, model, site)
     options = {
         "epochs": instructions.local_epochs,
@@ -170,15 +175,7 @@ def _statistics(objective, model, site: SiteData) -> dict:
 
 
 def handle_evaluate(message: Message, site: SiteData) -> RecordDict:
-    config = message.content.config_records.get(CONFIG_KEY)
-    instructions = TrainInstructions.from_record(config)
-    objective = build_objective(
-        instructions.objective,
-        instructions.params(),
-        server_round=instructions.server_round,
-        federation=federation_statistics(config),
-    )
-    model = _global_model(message, site)
+    instructions, objective, model = _round_setup(message, site)
     offset = 0.0
     if instructions.prior_adjustment:
         offset = prior_shift_offset(
