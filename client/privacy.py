@@ -21,6 +21,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.task import run_updates
 from common.data import Split
 
 if TYPE_CHECKING:
@@ -135,14 +136,16 @@ def train_privately(
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     model.train()
     private_model, dp_optimizer, loader = _make_private(model, optimizer, split, settings, batch_size=batch_size, seed=seed)
+    batches = ((images, labels) for _ in range(epochs) for images, labels in loader if len(labels) > 0)
     try:
-        totals, steps = _private_epochs(private_model, dp_optimizer, loader, objective, epochs=epochs)
+        with warnings.catch_warnings():
+            # Inputs never require grad, so Opacus's backward hooks say so on every batch.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            stats = run_updates(private_model, dp_optimizer, objective, batches)  # empty Poisson draws skipped
     finally:
         private_model._close()  # detach Opacus hooks: the plain model goes back to Flower
     ledger.entries.append((settings.noise_multiplier, sample_rate, epochs * per_epoch))
-    averages = {key: value / max(steps, 1) for key, value in totals.items()}
-    return averages | {
-        "steps": float(steps),
+    return stats | {
         "dp-epsilon": ledger.epsilon(delta=settings.delta),
         "dp-noise-multiplier": settings.noise_multiplier,
         "dp-sample-rate": sample_rate,
@@ -150,23 +153,6 @@ def train_privately(
         "dp-delta": settings.delta,
         "dp-steps": float(epochs * per_epoch),
     }
-
-
-def _private_epochs(private_model, dp_optimizer, loader, objective: Objective, *, epochs: int):
-    totals: dict[str, float] = {}
-    steps = 0
-    private_model.train()
-    with warnings.catch_warnings():
-        # Inputs never require grad, so Opacus's backward hooks say so on every batch.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(epochs):
-            for images, labels in loader:
-                if len(labels) == 0:  # Poisson sampling drew nobody this time
-                    continue
-                for key, value in objective.update(private_model, dp_optimizer, images, labels).items():
-                    totals[key] = totals.get(key, 0.0) + value
-                steps += 1
-    return totals, steps
 
 
 def _make_private(

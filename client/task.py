@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -104,19 +105,29 @@ def train_locally(
     images, labels = _as_tensors(split)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(epochs):
+            order = torch.randperm(len(labels), generator=generator)
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                if len(batch) >= 2:  # a lone example gives no usable penalty estimate
+                    yield images[batch], labels[batch]
+
+    return run_updates(model, optimizer, objective, batches())
+
+
+def run_updates(
+    model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batches: Iterable
+) -> dict[str, float]:
+    """One ``objective.update`` per batch; the statistics averaged over steps, and the steps."""
     model.train()
     totals: dict[str, float] = {}
     steps = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            if len(batch) < 2:  # a lone example gives no usable penalty estimate
-                continue
-            stats = objective.update(model, optimizer, images[batch], labels[batch])
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-            steps += 1
+    for images, labels in batches:
+        for key, value in objective.update(model, optimizer, images, labels).items():
+            totals[key] = totals.get(key, 0.0) + value
+        steps += 1
     return {key: value / max(steps, 1) for key, value in totals.items()} | {"steps": float(steps)}
 
 

@@ -18,8 +18,8 @@ from common.files import atomic_write_text
 from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions, federation_prevalence
 from common.provenance.log import PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from server.audit import RoundAuditor, deliver_checkpoint
-from server.history import RunHistory, load_history
-from server.resume import STATE_FILE, ServerState
+from server.history import RunHistory
+from server.resume import STATE_FILE, ServerState, load_resume_point
 from server.guard import CausalGuard
 from server.guard_round import ValidationProbe
 from server.strategy import aggregation_options, strategy_class
@@ -168,13 +168,11 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     config = context.run_config
     scenario = _deployed_scenario(config)
     run_dir = Path(str(config.get("run-dir", "runs/deployed")))
-    resume_from, rounds = None, {}
+    resume_from, rounds = None, []
     if bool(config.get("resume", False)):
-        resume_from = ServerState.load(run_dir / STATE_FILE)
-        saved = load_history(run_dir / "metrics.json")
-        rounds = {r["round"]: r["sites"] for r in saved["rounds"] if r["round"] <= resume_from.completed_round}
+        resume_from, rounds = load_resume_point(run_dir)
     history = RunHistory(meta={"scenario": scenario.name, "config-sha256": scenario.digest()}, path=run_dir / "metrics.json")
-    history.rounds = rounds
+    history.rounds = {r["round"]: r["sites"] for r in rounds}
     atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.model_dump(mode="json"), indent=1))
     key = load_or_create_key(Path(str(config.get("signing-key", "keys/server_ed25519.pem"))))
     provenance = ProvenanceLog.open(run_dir / PROVENANCE_DIR, signing_key=key, log_id=f"run-{grid.run.run_id}")

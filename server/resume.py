@@ -59,3 +59,12 @@ class ServerState:
 def _as_tuples(value: Any) -> Any:
     # random.Random.setstate wants the tuples JSON turned into lists back.
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_resume_point(run_dir: Path) -> tuple[ServerState, list[dict[str, Any]]]:
+    """The last completed round's state and the metrics rounds up to it. Rounds past the
+    state were cut short by the crash: they are run again, so their metrics are dropped."""
+    state = ServerState.load(run_dir / STATE_FILE)
+    metrics = run_dir / "metrics.json"
+    rounds = json.loads(metrics.read_text())["rounds"] if metrics.is_file() else []
+    return state, [r for r in rounds if r["round"] <= state.completed_round]

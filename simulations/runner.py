@@ -23,7 +23,7 @@ from common.provenance.records import public_pem
 from server.app import build_server_app
 from common.files import atomic_write_text
 from server.history import RunHistory, load_history
-from server.resume import STATE_FILE, ResumeError, ServerState
+from server.resume import STATE_FILE, ResumeError, ServerState, load_resume_point
 from client.task import new_model
 from server.guard_round import ValidationProbe
 from simulations.attacks import ATTACKS, Attack, AttackingGrid, PoisonedSites
@@ -171,11 +171,9 @@ def _saved_run(run_dir: Path | None, scenario: Scenario) -> tuple[ServerState, d
         raise ResumeError("resuming needs the run folder")
     if load_run_scenario(run_dir).digest() != scenario.digest():
         raise ResumeError(f"{run_dir} was started with a different scenario; resume it with its own scenario.json")
-    state = ServerState.load(run_dir / STATE_FILE)
+    state, rounds = load_resume_point(run_dir)
     history = load_history(run_dir / "metrics.json")
-    # Rounds past the saved state were cut short by the crash: they are run again.
-    history["rounds"] = [r for r in history["rounds"] if r["round"] <= state.completed_round]
-    return state, history
+    return state, history | {"rounds": rounds}
 
 
 def load_run_scenario(run_dir: Path) -> Scenario:
