@@ -21,7 +21,7 @@ from client.privacy import (
     train_privately,
 )
 from client.sites import BudgetSource, SiteSource, budget_from_node_config, site_from_node_config
-from client.task import evaluate, load_numpy_state, new_model, prior_shift_offset, train_locally
+from client.task import evaluate, load_numpy_state, new_model, prior_shift_offset, split_strata, train_locally
 from common.data import SiteData
 from common.protocol import (
     ARRAYS_KEY,
@@ -45,19 +45,30 @@ from common.provenance.records import Checkpoint, load_public_key
 
 PROVENANCE_STATE = "provenance"
 PRIVACY_STATE = "privacy"
+LOCAL_STATE = "local-model-state"
 log = logging.getLogger("causalfed.client")
 
 
-def _global_model(message: Message, site: SiteData):
+def _global_model(message: Message, site: SiteData, objective, context: Context):
+    """The received global model, with the entries this hospital keeps for itself (FedBN) restored."""
     if ARRAYS_KEY not in message.content.array_records:
         raise ProtocolError(f"message carries no '{ARRAYS_KEY}' ArrayRecord")
-    model = new_model(seed=0, input_shape=site.train.input_shape)
-    record = message.content.array_records[ARRAYS_KEY]
-    load_numpy_state(model, {key: array.numpy() for key, array in record.items()})
+    model = new_model(seed=0, input_shape=site.train.input_shape, architecture=objective.architecture)
+    state = {key: array.numpy() for key, array in message.content.array_records[ARRAYS_KEY].items()}
+    kept = context.state.array_records.get(LOCAL_STATE)
+    if kept is not None:
+        state |= {key: array.numpy() for key, array in kept.items() if key in state}
+    load_numpy_state(model, state)
     return model
 
 
-def _round_setup(message: Message, site: SiteData):
+def _keep_local_state(model, objective, context: Context) -> None:
+    keys = objective.local_state_keys(model)
+    if keys:
+        context.state[LOCAL_STATE] = ArrayRecord({k: v for k, v in model.state_dict().items() if k in keys})
+
+
+def _round_setup(message: Message, site: SiteData, context: Context):
     """This round's recipe, its objective (with the federation's statistics) and the global model."""
     config = message.content.config_records.get(CONFIG_KEY)
     instructions = TrainInstructions.from_record(config)
@@ -67,7 +78,7 @@ def _round_setup(message: Message, site: SiteData):
         server_round=instructions.server_round,
         federation=federation_statistics(config),
     )
-    return instructions, objective, _global_model(message, site)
+    return instructions, objective, _global_model(message, site, objective, context)
 
 
 def _round_seed(instructions: TrainInstructions, site: SiteData) -> int:
@@ -134,7 +145,7 @@ def handle_train(
     epsilon_budget: float | None = None,
     state_dir: Path | None = None,
 ) -> RecordDict:
-    instructions, objective, model = _round_setup(message, site)
+    instructions, objective, model = _round_setup(message, site, context)
     statistics = _statistics(objective, model, site)
     options = {
         "epochs": instructions.local_epochs,
@@ -155,6 +166,7 @@ def handle_train(
             return RecordDict({METRICS_KEY: metrics, CONFIG_KEY: ConfigRecord({REASON_KEY: str(spent)})})
     else:
         stats = train_locally(model, site.train, objective, **options)
+    _keep_local_state(model, objective, context)
     metrics = MetricRecord({f"train-{k}": float(v) for k, v in stats.items()})
     metrics["num-examples"] = len(site.train)
     content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), METRICS_KEY: metrics})
@@ -169,13 +181,14 @@ def _statistics(objective, model, site: SiteData) -> dict:
     labels = torch.as_tensor(site.train.labels).float()
     model.eval()
     try:
-        return {key: np.asarray(value).reshape(-1) for key, value in objective.statistics(model, images, labels).items()}
+        values = objective.statistics(model, images, labels, split_strata(site.train))
+        return {key: np.asarray(value).reshape(-1) for key, value in values.items()}
     finally:
         model.train()  # training follows (and Opacus insists on training mode)
 
 
-def handle_evaluate(message: Message, site: SiteData) -> RecordDict:
-    instructions, objective, model = _round_setup(message, site)
+def handle_evaluate(message: Message, site: SiteData, context: Context) -> RecordDict:
+    instructions, objective, model = _round_setup(message, site, context)
     offset = 0.0
     if instructions.prior_adjustment:
         offset = prior_shift_offset(
@@ -260,7 +273,7 @@ def build_client_app(
 
     @app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:
-        return Message(handle_evaluate(message, site(context)), reply_to=message)
+        return Message(handle_evaluate(message, site(context), context), reply_to=message)
 
     @app.query("checkpoint")
     def keep_checkpoint(message: Message, context: Context) -> Message:

@@ -37,8 +37,8 @@ class _Penalised(Objective):
     def penalty(self, model, images, labels, logits, risk) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def loss(self, model, images, labels):
-        logits = model(images)
+    def loss(self, model, images, labels, strata=None):
+        logits = self.logits(model, images, strata)
         risk = F.binary_cross_entropy_with_logits(logits, labels)
         penalty = self.penalty(model, images, labels, logits, risk)
         if penalty is None:
@@ -59,9 +59,10 @@ class VREx(_Penalised):
     name = "vrex"
     per_example_loss = False  # the penalty squares the batch's mean risk
 
-    def statistics(self, model, images, labels):
+    def statistics(self, model, images, labels, strata=None):
         with torch.no_grad():
-            return {"risk": np.array([F.binary_cross_entropy_with_logits(model(images), labels).item()])}
+            risk = F.binary_cross_entropy_with_logits(self.logits(model, images, strata), labels)
+            return {"risk": np.array([risk.item()])}
 
     def penalty(self, model, images, labels, logits, risk):
         if "risk" not in self.federation:
@@ -89,7 +90,7 @@ class Fishr(_Penalised):
     name = "fishr"
     per_example_loss = False  # a variance couples the cases of a batch
 
-    def statistics(self, model, images, labels):
+    def statistics(self, model, images, labels, strata=None):
         with torch.no_grad():
             return {"head-gradient-variance": head_gradient_variance(model, images, labels).numpy()}
 
@@ -114,7 +115,7 @@ class PrototypeAlignment(_Penalised):
 
     name = "prototype"
 
-    def statistics(self, model, images, labels):
+    def statistics(self, model, images, labels, strata=None):
         with torch.no_grad():
             return {"prototypes": class_prototypes(model.features(images), labels).reshape(-1)}
 
@@ -144,10 +145,10 @@ class FedProx(Objective):
         super().__init__(params, server_round=server_round, federation=federation)
         self._anchor: list[torch.Tensor] | None = None
 
-    def loss(self, model, images, labels):
+    def loss(self, model, images, labels, strata=None):
         parameters = [p for p in model.parameters() if p.requires_grad]
         if self._anchor is None:
             self._anchor = [p.detach().clone() for p in parameters]
-        risk = F.binary_cross_entropy_with_logits(model(images), labels)
+        risk = F.binary_cross_entropy_with_logits(self.logits(model, images, strata), labels)
         proximal = sum(((p - a) ** 2).sum() for p, a in zip(parameters, self._anchor))
         return risk + 0.5 * self.params.mu * proximal, {"risk": risk.item(), "proximal": float(proximal.detach())}

@@ -27,6 +27,10 @@ class Objective(ABC):
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
     # DP-SGD clips per-example gradients: only valid when the loss is a mean of per-example terms.
     per_example_loss: ClassVar[bool] = True
+    # The model it trains (client.models.ARCHITECTURES), and whether its batches need each
+    # case's recorded stratum.
+    architecture: ClassVar[str] = "plain"
+    needs_strata: ClassVar[bool] = False
 
     def __init__(
         self, params: ObjectiveParams, *, server_round: int, federation: dict[str, np.ndarray] | None = None
@@ -49,7 +53,9 @@ class Objective(ABC):
         """Rounds before the objective is fully in force; model selection skips them."""
         return 0
 
-    def statistics(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+    def statistics(
+        self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor | None = None
+    ) -> dict[str, np.ndarray]:
         """What this hospital contributes to next round's federation statistics (none by default).
 
         Computed on its training split at the received global model; the server averages
@@ -57,16 +63,31 @@ class Objective(ABC):
         """
         return {}
 
+    def local_state_keys(self, model: torch.nn.Module) -> set[str]:
+        """Model entries this hospital keeps for itself instead of taking the global ones."""
+        return set()
+
+    def prepare(
+        self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor
+    ) -> None:
+        """Called once before local training, at the received model, on the training split."""
+
+    def logits(self, model: torch.nn.Module, images: torch.Tensor, strata: torch.Tensor | None) -> torch.Tensor:
+        """The logits the objective trains: the model's prediction, unless it conditions on strata."""
+        return model(images)
+
     @abstractmethod
     def loss(
-        self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+        self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar to minimise on one mini-batch, and statistics to report."""
 
-    def validation_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def validation_loss(
+        self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor | None = None
+    ) -> float:
         """The objective itself on held-back data: what model selection minimises."""
         model.eval()
-        loss, _ = self.loss(model, images, labels)
+        loss, _ = self.loss(model, images, labels, strata)
         return loss.item()
 
     def update(
@@ -75,8 +96,9 @@ class Objective(ABC):
         optimizer: torch.optim.Optimizer,
         images: torch.Tensor,
         labels: torch.Tensor,
+        strata: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        loss, stats = self.loss(model, images, labels)
+        loss, stats = self.loss(model, images, labels, strata)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -106,8 +128,8 @@ class ERM(Objective):
 
     name = "erm"
 
-    def loss(self, model, images, labels):
-        risk = F.binary_cross_entropy_with_logits(model(images), labels)
+    def loss(self, model, images, labels, strata=None):
+        risk = F.binary_cross_entropy_with_logits(self.logits(model, images, strata), labels)
         return risk, {"risk": risk.item()}
 
 
@@ -134,17 +156,17 @@ class IRMv1(Objective):
     def penalty_weight(self) -> float:
         return self.params.penalty_weight if self.server_round > self.params.warmup_rounds else 1.0
 
-    def loss(self, model, images, labels):
-        logits = model(images)
+    def loss(self, model, images, labels, strata=None):
+        logits = self.logits(model, images, strata)
         risk = F.binary_cross_entropy_with_logits(logits, labels)
         penalty = irm_penalty(logits, labels)
         weight = self.penalty_weight()
         total = (risk + weight * penalty) / max(weight, 1.0)
         return total, {"risk": risk.item(), "penalty": penalty.item()}
 
-    def validation_loss(self, model, images, labels):
+    def validation_loss(self, model, images, labels, strata=None):
         model.eval()
-        logits = model(images)
+        logits = self.logits(model, images, strata)
         risk = F.binary_cross_entropy_with_logits(logits, labels)
         penalty = irm_penalty(logits, labels, split_halves=False)
         weight = self.penalty_weight()
@@ -169,6 +191,7 @@ def build_objective(
 
 
 
-# Objectives that need federation statistics live in their own module: importing it
-# registers them (at the end, as it builds on the classes above).
+# Objectives that need federation statistics, and the backdoor adjustments, live in their
+# own modules: importing them registers them (at the end, as they build on the classes above).
 import client.federated_objectives  # noqa: E402, F401
+import client.adjusted_objectives  # noqa: E402, F401

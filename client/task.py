@@ -11,55 +11,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data import IMAGE_SHAPE, Split
+from client.models import FEATURE_DIM, new_model, strata_index  # noqa: F401 (re-exported)
+from common.config import Scenario
+from common.data import Split
 from common.metrics import binary_metrics
 
 if TYPE_CHECKING:
     from client.objectives import Objective
 
-FEATURE_DIM = 64
-
-
-class ChestNet(nn.Module):
-    """A small CNN: ``features`` (the representation) then a linear ``head`` giving one logit.
-
-    No batch statistics: it stays usable with Opacus and with tiny or single-class batches.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 7 * 7, FEATURE_DIM), nn.ReLU(),
-        )
-        self.head = nn.Linear(FEATURE_DIM, 1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images)).squeeze(-1)
-
-
-class TabularNet(nn.Module):
-    """Logistic regression on standardised feature rows (FLamby's Fed-Heart-Disease baseline),
-    with the same ``features``/``head`` split as ChestNet so every objective applies."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.features = nn.Identity()
-        self.head = nn.Linear(num_features, 1)
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(rows)).squeeze(-1)
-
-
-def new_model(*, seed: int, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> nn.Module:
-    """ChestNet for 28x28 images, TabularNet for feature rows of shape (d,)."""
-    torch.manual_seed(seed)
-    if tuple(input_shape) == IMAGE_SHAPE:
-        return ChestNet()
-    if len(input_shape) == 1 and input_shape[0] > 0:
-        return TabularNet(input_shape[0])
-    raise ValueError(f"no model for inputs of shape {tuple(input_shape)}")
+def scenario_model(scenario: Scenario, *, seed: int = 0) -> nn.Module:
+    """A fresh model of the kind the scenario's objective trains, for its data."""
+    return new_model(seed=seed, input_shape=scenario.data.input_shape, architecture=scenario.training.architecture)
 
 
 def state_to_numpy(model: nn.Module) -> OrderedDict[str, np.ndarray]:
@@ -86,6 +48,11 @@ def _as_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(split.images, dtype=torch.float32), torch.as_tensor(split.labels).float()
 
 
+def split_strata(split: Split) -> torch.Tensor:
+    """Each case's stratum from the acquisition states its hospital recorded."""
+    return torch.as_tensor(strata_index(split.confounders, num_cases=len(split)))
+
+
 def train_locally(
     model: nn.Module,
     split: Split,
@@ -103,16 +70,18 @@ def train_locally(
     IRM needs when its penalty switches on at a round boundary.
     """
     images, labels = _as_tensors(split)
+    strata = split_strata(split)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    objective.prepare(model, images, labels, strata)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches() -> Iterator[tuple[torch.Tensor, ...]]:
         for _ in range(epochs):
             order = torch.randperm(len(labels), generator=generator)
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
                 if len(batch) >= 2:  # a lone example gives no usable penalty estimate
-                    yield images[batch], labels[batch]
+                    yield images[batch], labels[batch], strata[batch]
 
     return run_updates(model, optimizer, objective, batches())
 
@@ -124,8 +93,8 @@ def run_updates(
     model.train()
     totals: dict[str, float] = {}
     steps = 0
-    for images, labels in batches:
-        for key, value in objective.update(model, optimizer, images, labels).items():
+    for images, labels, *strata in batches:
+        for key, value in objective.update(model, optimizer, images, labels, *strata).items():
             totals[key] = totals.get(key, 0.0) + value
         steps += 1
     return {key: value / max(steps, 1) for key, value in totals.items()} | {"steps": float(steps)}
@@ -167,5 +136,7 @@ def evaluate(
     metrics = binary_metrics(labels=split.labels, scores=scores)
     if objective is not None:
         images, labels = _as_tensors(split)
-        metrics["objective"] = objective.validation_loss(model, images, labels) if len(labels) > 1 else float("nan")
+        metrics["objective"] = (
+            objective.validation_loss(model, images, labels, split_strata(split)) if len(labels) > 1 else float("nan")
+        )
     return metrics

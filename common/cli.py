@@ -142,7 +142,7 @@ def explain(
 
     import torch
 
-    from client.task import new_model
+    from client.models import model_for_state
     from common.files import atomic_write_text
     from server.explain import MECHANISMS, explain_drop
     from server.resume import ResumeError
@@ -160,8 +160,7 @@ def explain(
     if site not in names:
         console.print(f"[red]error:[/red] no hospital {site!r} in this run; hospitals: {names}")
         raise typer.Exit(2)
-    model = new_model(seed=0, input_shape=scenario.data.input_shape)
-    model.load_state_dict(torch.load(run_dir / "model.pt"))
+    model = model_for_state(torch.load(run_dir / "model.pt"), input_shape=scenario.data.input_shape)
     hospitals = [build_site(scenario, i) for i in range(len(names))]
     sources = [(h.test.images, h.test.labels) for h in hospitals if h.role == "train" and h.name != site]
     target = next(h for h in hospitals if h.name == site)
@@ -194,7 +193,8 @@ def adapt(
     import torch
 
     from client.adapt import adapt_features
-    from client.task import evaluate, new_model
+    from client.models import model_for_state
+    from client.task import evaluate
     from common.data import SiteData
 
     try:
@@ -203,8 +203,7 @@ def adapt(
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
-    model = new_model(seed=0, input_shape=site.train.input_shape)
-    model.load_state_dict(state)
+    model = model_for_state(state, input_shape=site.train.input_shape)
     images = __import__("numpy").concatenate([site.train.images, site.val.images, site.test.images])
     before = evaluate(model, site.test)["auroc"] if len(set(site.test.labels)) == 2 else None
     result = adapt_features(model, images, source_prevalence=source_prevalence, epochs=epochs)

@@ -152,12 +152,22 @@ class TrainingConfig(_Strict):
         from client.objectives import OBJECTIVES, validate_objective
 
         validate_objective(self.objective, self.objective_params)
-        if self.privacy is not None and not OBJECTIVES[self.objective].per_example_loss:
+        objective = OBJECTIVES[self.objective]
+        if self.privacy is not None and not objective.per_example_loss:
             raise ValueError(
                 f"objective {self.objective!r} is not a sum of per-example losses, so DP-SGD's "
                 "per-example clipping cannot bound its sensitivity; use it without [training.privacy]"
             )
+        if self.privacy is not None and objective.needs_strata:
+            raise ValueError(f"objective {self.objective!r} needs per-case strata, which DP-SGD's sampler does not carry")
         return self
+
+    @property
+    def architecture(self) -> str:
+        """The model the objective trains (client.models.ARCHITECTURES)."""
+        from client.objectives import OBJECTIVES
+
+        return OBJECTIVES[self.objective].architecture
 
 
 class GuardConfig(_Strict):
@@ -212,6 +222,20 @@ class Scenario(_Strict):
             raise ValueError(f"Krum tolerates f attackers among n > 2f + 2 hospitals; n = {n}, f = {f}")
         if federation.aggregation == "bulyan" and n < 4 * f + 3:
             raise ValueError(f"Bulyan needs n >= 4f + 3 hospitals; n = {n}, f = {f}")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_data(self) -> Scenario:
+        from client.objectives import OBJECTIVES
+
+        objective = OBJECTIVES[self.training.objective]
+        if self.data.source == "heart_disease" and (objective.architecture != "plain" or objective.needs_strata):
+            raise ValueError(
+                f"objective {self.training.objective!r} needs image models and recorded acquisition strata; "
+                "the heart-disease hospitals have feature rows only"
+            )
+        if objective.needs_strata and not self.data.confounders:
+            raise ValueError(f"objective {self.training.objective!r} needs recorded strata; data.confounders is empty")
         return self
 
     @model_validator(mode="after")

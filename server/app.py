@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log as flwr_log
 
-from client.task import new_model
+from client.task import scenario_model
 from common.config import Scenario, load_scenario
 from common.files import atomic_write_text
 from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions, federation_prevalence
@@ -120,7 +120,7 @@ def run_federation(
     done = resume_from.completed_round if resume_from else 0
     if done > federation.num_rounds:
         raise FederationError(f"the saved state is at round {done}, past the scenario's {federation.num_rounds}")
-    initial = resume_from.to_arrayrecord() if resume_from else ArrayRecord(new_model(seed=scenario.seed, input_shape=scenario.data.input_shape).state_dict())
+    initial = resume_from.to_arrayrecord() if resume_from else ArrayRecord(scenario_model(scenario, seed=scenario.seed).state_dict())
     # Evaluation gets the training recipe too: hospitals report the objective's value on
     # their validation split, which is what model selection minimises.
     instructions = TrainInstructions.for_scenario(scenario).to_record()

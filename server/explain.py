@@ -227,7 +227,7 @@ def representation(model: torch.nn.Module, inputs: np.ndarray) -> tuple[np.ndarr
     model.eval()
     tensor = torch.as_tensor(inputs, dtype=torch.float32)
     features = model.features(tensor)
-    return features.numpy().astype(np.float64), torch.sigmoid(model.head(features).squeeze(-1)).numpy()
+    return features.numpy().astype(np.float64), torch.sigmoid(model(tensor)).numpy()
 
 
 def standardiser(feature_sets: Sequence[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:

@@ -70,3 +70,36 @@ def summarise_run(history: dict[str, Any], *, warmup_rounds: int = 0) -> dict[st
         chosen = select_round(history, warmup_rounds=warmup_rounds, criterion=criterion)
         summary[f"selected by {criterion}"] = round_summary(by_round[chosen])
     return summary
+
+
+def leave_one_site_out(scenario, left_out: str):
+    """The scenario with training hospital ``left_out`` turned into a held-out one, and the
+    real held-out hospitals dropped: a selection fold must never see them."""
+    raw = scenario.model_dump(mode="json")
+    sites = [s for s in raw["data"]["sites"] if s["role"] == "train"]
+    for site in sites:
+        if site["name"] == left_out:
+            site["role"] = "heldout"
+    raw["data"]["sites"] = sites
+    return type(scenario).model_validate(raw)
+
+
+def loso_round(fold_histories: dict[str, dict[str, Any]], *, warmup_rounds: int = 0) -> int:
+    """The round whose models did best, on average, at the training hospital each fold left out.
+
+    DomainBed's leave-one-domain-out selection with the round as the choice: fold k trains
+    without hospital k and scores round r by k's validation AUROC; the chosen round is the
+    best mean over folds (after warm-up).
+    """
+    if not fold_histories:
+        raise ValueError("leave-one-site-out selection needs at least one fold")
+    scores: dict[int, list[float]] = {}
+    for left_out, history in fold_histories.items():
+        for entry in history["rounds"]:
+            value = entry["sites"].get(left_out, {}).get("val-auroc")
+            if value is not None and math.isfinite(value):
+                scores.setdefault(entry["round"], []).append(value)
+    eligible = {r: np.mean(v) for r, v in scores.items() if r > warmup_rounds and len(v) == len(fold_histories)}
+    if not eligible:
+        raise ValueError("no round was scored by every fold")
+    return max(eligible, key=lambda r: (eligible[r], r))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from client.objectives import OBJECTIVES, build_objective, irm_penalty, validate_objective
-from client.task import new_model, train_locally
+from client.task import new_model, split_strata, train_locally
 from common.config import load_scenario
 from simulations.scm import make_site
 
@@ -25,21 +25,28 @@ def test_every_registered_objective_trains(name, site):
     With federation statistics as the server would broadcast them (another hospital's, at
     the same global model); the penalties after warm-up are checked separately below.
     """
-    model = new_model(seed=0)
+    model = new_model(seed=0, architecture=OBJECTIVES[name].architecture)
     images = torch.as_tensor(site.train.images)
     labels = torch.as_tensor(site.train.labels).float()
+    strata = split_strata(site.train)
     other = make_site(load_scenario().data, 3, seed=0).train
     federation = build_objective(name, {}, server_round=1).statistics(
-        model, torch.as_tensor(other.images), torch.as_tensor(other.labels).float()
+        model, torch.as_tensor(other.images), torch.as_tensor(other.labels).float(), split_strata(other)
     )
     objective = build_objective(name, {}, server_round=1, federation=federation)
-    before = F.binary_cross_entropy_with_logits(model(images), labels).item()
+
+    def risk() -> float:  # of what the objective trains (P(Y | X, z) for the backdoor adjustments)
+        model.eval()
+        with torch.no_grad():
+            return F.binary_cross_entropy_with_logits(objective.logits(model, images, strata), labels).item()
+
+    before = risk()
     stats = train_locally(model, site.train, objective, epochs=3, batch_size=64, learning_rate=3e-3, weight_decay=0.0, seed=0)
-    after = F.binary_cross_entropy_with_logits(model(images), labels).item()
+    after = risk()
     assert all(np.isfinite(v) for v in stats.values())
     assert stats["steps"] > 0
     assert after < before - 0.05, (before, after)
-    assert np.isfinite(objective.validation_loss(model, images[:100], labels[:100]))
+    assert np.isfinite(objective.validation_loss(model, images[:100], labels[:100], strata[:100]))
 
 
 def test_irm_penalty_vanishes_at_the_optimal_scale_only():
