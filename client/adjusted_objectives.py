@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.federated_objectives import VREx
+from client.models import recalibrate_batch_norm
 from client.objectives import ERM, Objective
 
 
@@ -92,7 +93,8 @@ class BackdoorStyle(_StyleAdjusted, ERM):
 class FedBN(ERM):
     """FedBN (Li et al. 2021): each hospital keeps its batch-norm layers, the rest is shared.
 
-    A hospital never seen in training gets the federation's averaged normalisation.
+    A hospital that never trained (a new one) normalises with statistics of its own
+    unlabeled images (AdaBN), the weights and shifts being the federation's average.
     """
 
     name = "fedbn"
@@ -106,3 +108,6 @@ class FedBN(ERM):
             if isinstance(module, nn.modules.batchnorm._BatchNorm)
             for key in module.state_dict()
         }
+
+    def localise(self, model, images):
+        recalibrate_batch_norm(model, images)

@@ -72,6 +72,22 @@ class ChestNetBN(ChestNet):
         )
 
 
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> None:
+    """Replace every batch-norm layer's running statistics by those of ``images`` (AdaBN)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over every batch below
+    model.train()
+    for start in range(0, len(images), batch_size):
+        model(images[start : start + batch_size])
+    for layer, momentum in zip(layers, saved):
+        layer.momentum = momentum
+    model.eval()
+
+
 class TabularNet(nn.Module):
     """Logistic regression on standardised feature rows (FLamby's Fed-Heart-Disease baseline)."""
 

@@ -67,6 +67,10 @@ class Objective(ABC):
         """Model entries this hospital keeps for itself instead of taking the global ones."""
         return set()
 
+    def localise(self, model: torch.nn.Module, images: torch.Tensor) -> None:
+        """Derive this hospital's own ``local_state_keys`` from its unlabeled images, when it
+        has none yet (a hospital that never trained, e.g. a new one)."""
+
     def prepare(
         self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor
     ) -> None:

@@ -167,3 +167,17 @@ def test_leave_one_site_out_folds_and_round_choice(small_scenario):
     assert loso_round(folds, warmup_rounds=1) == 3  # round 1 is inside the warm-up
     with pytest.raises(ValueError, match="at least one fold"):
         loso_round({})
+
+
+def test_a_new_hospital_normalises_with_its_own_images():
+    site = make_site(load_scenario().data, 4, seed=0)
+    objective = build_objective("fedbn", {}, server_round=1)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    model = _global_model(_message(new_model(seed=0, architecture="batchnorm")), site, objective, context)
+    first = model.features[0](torch.as_tensor(site.train.images))
+    assert torch.allclose(model.features[1].running_mean, first.mean(dim=(0, 2, 3)), atol=2e-3)  # a mean of batch means
+    # Plain models have nothing to derive.
+    plain = build_objective("erm", {}, server_round=1)
+    before = new_model(seed=0).state_dict()
+    after = _global_model(_message(new_model(seed=0)), site, plain, context).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
