@@ -133,9 +133,9 @@ def _targets(means: dict[str, dict | None]) -> None:
     print(f"best causal variant: {best} at {causal[best]['ood']:.3f} held-out AUROC; FedAvg-ERM {erm['ood']:.3f} "
           f"(target >= 0.85 where ERM < 0.6: {'met' if causal[best]['ood'] >= 0.85 and erm['ood'] < 0.6 else 'NOT met'})")
     losses = {m: max(erm["ood"] - v["ood"], erm["worst"] - v["worst"]) for m, v in means.items() if v and m != "FedAvg-ERM"}
-    worst = max(losses, key=losses.get)
-    print(f"largest loss vs FedAvg-ERM (held-out or worst-site): {worst} {losses[worst]:+.3f} "
-          f"(weak-correlation target <= 0.02: {'met' if losses[worst] <= 0.02 else 'NOT met'})")
+    beyond = {m: round(loss, 3) for m, loss in losses.items() if loss > 0.02}
+    print(f"loss vs FedAvg-ERM (held-out or worst-site) above 0.02 (the weak-correlation target): "
+          f"{beyond or 'none'}; largest {max(losses.values()):+.3f}")
 
 
 def main() -> None:

@@ -160,6 +160,11 @@ class TrainingConfig(_Strict):
             )
         if self.privacy is not None and objective.needs_strata:
             raise ValueError(f"objective {self.objective!r} needs per-case strata, which DP-SGD's sampler does not carry")
+        if self.privacy is not None and objective.architecture != "plain":
+            raise ValueError(
+                f"objective {self.objective!r} trains the {objective.architecture!r} model; DP-SGD runs on the plain "
+                "one, whose layers Opacus can clip per example"
+            )
         return self
 
     @property

@@ -13,6 +13,10 @@ every client a p-value with an explanation:
   independent hospitals do not. The edges form the graph.
 - ``intervention``: the exact effect of leaving this client out on a small validation
   set held by the server.
+- ``solo-ranking``: the other intervention, the validation AUROC if the round's model were
+  this client's alone. Leaving one of ten out moves the aggregate by a tenth; applying one
+  alone moves it fully. AUROC, not loss: a hospital with another prevalence shifts the
+  bias and so the loss, while flipped labels or a flipped update reverse the ranking.
 
 The p-values are combined per client (Bonferroni over detectors) and controlled across
 clients by Benjamini-Hochberg at level ``fdr``. Suspicion accumulates across rounds: a
@@ -99,6 +103,7 @@ class ClientMemory:
     log_norm: float | None = None  # EWMA forecast of its update's log-norm
     alignment: float | None = None  # EWMA forecast of its cosine with the consensus
     recent_flags: deque = field(default_factory=lambda: deque(maxlen=3))
+    ranking_z: deque = field(default_factory=lambda: deque(maxlen=4))  # solo-ranking z of past rounds
 
     def remember(self, residual: np.ndarray, log_norm: float, alignment: float, *, smoothing: float) -> None:
         if self.residual is None:
@@ -121,6 +126,7 @@ class RoundEvidence:
     alignments: np.ndarray  # cosine of each update with the median of the others'
     memories: list[ClientMemory]
     loo_effects: np.ndarray | None  # validation loss without the client minus with everyone
+    solo_auroc_changes: np.ndarray | None = None  # validation AUROC of its model alone minus the start's
 
 
 @dataclass
@@ -132,6 +138,9 @@ class Finding:
 
 class Detector(ABC):
     name: ClassVar[str]
+    # Detectors asking the same question (e.g. two interventions on the validation set)
+    # share a family; Bonferroni runs within families, then across them.
+    family: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -224,6 +233,7 @@ class DependenceDetector(Detector):
 
 class InterventionDetector(Detector):
     name = "intervention"
+    family = "intervention"
     min_effect: ClassVar[float] = 0.002  # validation log-loss: below this it is noise
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
@@ -235,6 +245,43 @@ class InterventionDetector(Detector):
         p_values = np.where(harm > self.min_effect, upper_p(z), 1.0)
         reasons = [f"leaving it out changes validation loss by {e:+.4f}" for e in evidence.loo_effects]
         return Finding(p_values, reasons)
+
+
+def stouffer(z_scores: list[float]) -> float:
+    """One z-score from several independent ones: their sum over the square root of their count."""
+    return float(np.sum(z_scores) / math.sqrt(len(z_scores)))
+
+
+class SoloRankingDetector(Detector):
+    """Evidence accumulates over rounds (Stouffer): 200 validation cases rank one client's
+    model only roughly, but an attacker is among the worst every round, an honest hospital
+    only now and then."""
+
+    name = "solo-ranking"
+    family = "intervention"
+    min_drop: ClassVar[float] = 0.03  # validation AUROC: smaller drops are sampling noise
+
+    def inspect(self, evidence: RoundEvidence) -> Finding:
+        n = len(evidence.clients)
+        if evidence.solo_auroc_changes is None:
+            return Finding(np.ones(n), [""] * n)
+        drop = -evidence.solo_auroc_changes
+        z = np.clip(robust_z(drop), -3.0, 6.0)  # one freak round must not dominate the sum
+        pooled = np.array([stouffer([*m.ranking_z, value]) for m, value in zip(evidence.memories, z)])
+        # Normal tail: a sum over rounds of clipped scores is no longer heavy-tailed.
+        p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
+        reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over {len(m.ranking_z) + 1} rounds)"
+                   for c, s, m in zip(evidence.solo_auroc_changes, pooled, evidence.memories)]
+        return Finding(p_values, reasons, {"z": z})
+
+
+def combine_by_family(p_values: dict[str, np.ndarray]) -> np.ndarray:
+    """Per client, Bonferroni within each detector family, then across the families."""
+    families: dict[str, list[np.ndarray]] = {}
+    for name, values in p_values.items():
+        families.setdefault(DETECTORS[name].family or name, []).append(values)
+    per_family = [np.minimum(1.0, np.min(members, axis=0) * len(members)) for members in families.values()]
+    return np.minimum(1.0, np.min(per_family, axis=0) * len(per_family))
 
 
 # ---------------------------------------------------------------- the guard
@@ -263,27 +310,35 @@ class CausalGuard:
     downweight_below: float = 0.05
     smoothing: float = 0.5
     quarantine_after: int = 2  # flags within the last 3 rounds that keep a client out
-    detectors: tuple[str, ...] = ("forecast", "magnitude", "alignment", "dependence", "intervention")
+    detectors: tuple[str, ...] = (
+        "forecast", "magnitude", "alignment", "dependence", "intervention", "solo-ranking",
+    )
     seed: int = 0
     memories: dict[str, ClientMemory] = field(default_factory=dict)
 
     def sketch(self, delta: np.ndarray) -> np.ndarray:
         return count_sketch(delta, seed=self.seed)
 
-    def evidence(self, clients: list[str], sketches: np.ndarray, loo_effects: np.ndarray | None) -> RoundEvidence:
+    def evidence(
+        self, clients: list[str], sketches: np.ndarray, loo_effects: np.ndarray | None,
+        solo_auroc_changes: np.ndarray | None = None,
+    ) -> RoundEvidence:
         memories = [self.memories.setdefault(c, ClientMemory()) for c in clients]
         residuals = sketches - np.median(sketches, axis=0)
         forecasts = np.stack([m.residual if m.residual is not None else np.zeros(sketches.shape[1]) for m in memories])
         log_norms = np.log(np.linalg.norm(sketches, axis=1) + 1e-12)
         alignments = consensus_alignment(sketches)
-        return RoundEvidence(clients, sketches, residuals, residuals - forecasts, log_norms, alignments, memories, loo_effects)
+        return RoundEvidence(clients, sketches, residuals, residuals - forecasts, log_norms, alignments, memories,
+                             loo_effects, solo_auroc_changes)
 
-    def judge(self, clients: list[str], sketches: np.ndarray, loo_effects: np.ndarray | None = None) -> tuple[list[Verdict], dict]:
+    def judge(
+        self, clients: list[str], sketches: np.ndarray, loo_effects: np.ndarray | None = None,
+        solo_auroc_changes: np.ndarray | None = None,
+    ) -> tuple[list[Verdict], dict]:
         """Verdicts for this round's clients, and the dependency graph's edges."""
-        evidence = self.evidence(clients, sketches, loo_effects)
+        evidence = self.evidence(clients, sketches, loo_effects, solo_auroc_changes)
         findings = {name: DETECTORS[name]().inspect(evidence) for name in self.detectors}
-        table = np.stack([f.p_values for f in findings.values()])
-        combined = np.minimum(1.0, table.min(axis=0) * len(findings))  # Bonferroni over detectors
+        combined = combine_by_family({name: f.p_values for name, f in findings.items()})
         rejected = benjamini_hochberg(combined, level=self.fdr)
         verdicts = []
         for i, client in enumerate(clients):
@@ -301,5 +356,8 @@ class CausalGuard:
             if not flagged:
                 memory.remember(evidence.residuals[i], float(evidence.log_norms[i]), float(evidence.alignments[i]),
                                 smoothing=self.smoothing)
+        if "solo-ranking" in findings and "z" in findings["solo-ranking"].extra:
+            for memory, z in zip(evidence.memories, findings["solo-ranking"].extra["z"]):
+                memory.ranking_z.append(float(z))
         edges = findings["dependence"].extra.get("edges", []) if "dependence" in findings else []
         return verdicts, {"edges": edges}

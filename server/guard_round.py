@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Message
+from sklearn.metrics import roc_auc_score
 
 from common.data import Split
 from common.files import atomic_write_text
@@ -43,14 +44,20 @@ class ValidationProbe:
     split: Split
     build_model: Callable[[], torch.nn.Module]
 
-    def loss(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
+    def _logits(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> torch.Tensor:
         model = self.build_model()
         arrays = unflatten(flat, names, shapes)
         model.load_state_dict({name: torch.as_tensor(value, dtype=torch.float32) for name, value in arrays.items()})
         model.eval()
         with torch.no_grad():
-            logits = model(torch.as_tensor(self.split.images, dtype=torch.float32))
-            return float(F.binary_cross_entropy_with_logits(logits, torch.as_tensor(self.split.labels).float()))
+            return model(torch.as_tensor(self.split.images, dtype=torch.float32))
+
+    def loss(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
+        logits = self._logits(flat, names, shapes)
+        return float(F.binary_cross_entropy_with_logits(logits, torch.as_tensor(self.split.labels).float()))
+
+    def auroc(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
+        return float(roc_auc_score(self.split.labels, self._logits(flat, names, shapes).numpy()))
 
 
 def leave_one_out_effects(
@@ -66,6 +73,18 @@ def leave_one_out_effects(
     return effects, everyone
 
 
+def solo_auroc_changes(
+    vectors: np.ndarray, start: np.ndarray, probe: ValidationProbe, names: list[str], shapes: list[tuple[int, ...]]
+) -> np.ndarray:
+    """Validation AUROC of each client's model alone minus that of the model it started from.
+
+    A ranking measure: a hospital whose prevalence differs moves the bias, and with it the
+    log-loss, but not the ranking; flipped labels or a flipped update reverse the ranking.
+    """
+    before = probe.auroc(start, names, shapes)
+    return np.array([probe.auroc(v, names, shapes) - before for v in vectors])
+
+
 def guard_replies(
     guard: CausalGuard,
     replies: list[Message],
@@ -79,10 +98,11 @@ def guard_replies(
     vectors = np.stack([flatten(r.content.array_records[ARRAYS_KEY], names) for r in replies])
     sketches = np.stack([guard.sketch(v - start) for v in vectors])
     weights = np.array([float(r.content.metric_records[METRICS_KEY]["num-examples"]) for r in replies])
-    effects, base = (None, None)
+    effects, alone, base = (None, None, None)
     if probe is not None:
         effects, base = leave_one_out_effects(vectors, weights, probe, names, shapes)
-    verdicts, graph = guard.judge(sites, sketches, effects)
+        alone = solo_auroc_changes(vectors, start, probe, names, shapes)
+    verdicts, graph = guard.judge(sites, sketches, effects, alone)
     graph["validation_loss"] = base
     return verdicts, graph
 

@@ -130,6 +130,10 @@ def test_objectives_that_cannot_run_on_the_data_are_refused():
     with pytest.raises(ScenarioError, match="strata"):
         parse_scenario(raw)
     raw = load_scenario("confounded").model_dump(mode="json")
+    raw["training"] |= {"objective": "backdoor-style", "privacy": {"target_epsilon": 3.0}}
+    with pytest.raises(ScenarioError, match="Opacus"):
+        parse_scenario(raw)
+    raw = load_scenario("confounded").model_dump(mode="json")
     raw["data"]["confounders"] = []
     with pytest.raises(ScenarioError, match="needs recorded strata"):
         parse_scenario(raw)

@@ -13,17 +13,19 @@ from server.guard import (
     CausalGuard,
     DependenceDetector,
     benjamini_hochberg,
+    combine_by_family,
     count_sketch,
     partial_correlations,
     robust_z,
+    stouffer,
 )
 from simulations.attacks import ATTACKS, RoundView
 from simulations.report import write_report
 from simulations.runner import run_scenario
 
 # What the guard is shown to catch at 20% attackers in a few rounds (the benchmark has the
-# full table, including what it misses: sign-flip and label-flip in this noisy regime).
-CAUGHT = ["alie", "backdoor", "colluding-pair", "free-rider", "gaussian", "ipm", "min-max"]
+# full table, including what it misses).
+CAUGHT = ["alie", "backdoor", "colluding-pair", "free-rider", "gaussian", "ipm", "label-flip", "min-max"]
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +158,26 @@ def test_three_near_copies_are_all_linked():
     linked = {c for a, b, _ in graph["edges"] for c in (a, b)}
     assert {"h1", "h2", "h3"} <= linked
     assert [v.client for v in verdicts if v.flagged] == ["h1", "h2", "h3"]
+
+
+def test_solo_ranking_evidence_accumulates_over_rounds():
+    """A client whose model alone lowers validation AUROC a little more than the others',
+    round after round, is flagged once the rounds add up; one bad round is not enough."""
+    rng = np.random.default_rng(5)
+    guard = CausalGuard(detectors=("solo-ranking",))
+    clients = [f"h{i}" for i in range(10)]
+    flagged_by_round = []
+    for _ in range(4):
+        changes = rng.normal(0.02, 0.03, 10)
+        changes[4] = -0.08  # about 3 robust standard deviations below the others, every round
+        verdicts, _ = guard.judge(clients, rng.normal(size=(10, 64)), None, changes)
+        flagged_by_round.append([v.client for v in verdicts if v.flagged])
+    assert flagged_by_round[0] == []
+    assert flagged_by_round[-1] == ["h4"]
+    assert stouffer([3.0, 3.0, 3.0, 3.0]) == pytest.approx(6.0)
+
+
+def test_detectors_asking_the_same_question_share_one_bonferroni_share():
+    p = {"forecast": np.array([0.01, 1.0]), "intervention": np.array([1.0, 0.004]), "solo-ranking": np.array([0.5, 0.02])}
+    combined = combine_by_family(p)  # two families: forecast, and the two interventions
+    assert combined.tolist() == pytest.approx([0.02, 0.016])
