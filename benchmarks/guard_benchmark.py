@@ -120,8 +120,12 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=RULES)
     parser.add_argument("--attacks", nargs="+", default=sorted(ATTACKS))
     parser.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
+    parser.add_argument("--fdr", type=float, default=None, help="the guard's false-discovery rate (default: the scenario's)")
     args = parser.parse_args()
     base = load_scenario("guard").with_overrides(federation={"num_rounds": args.rounds})
+    if args.fdr is not None:
+        guard = base.federation.guard.model_dump() | {"fdr": args.fdr}
+        base = base.with_overrides(federation={"guard": guard})
     names = [s.name for s in base.data.sites if s.role == "train"]
     print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'backdoor':>9}{'secs':>6}")
     reference = {}

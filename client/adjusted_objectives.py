@@ -93,8 +93,10 @@ class BackdoorStyle(_StyleAdjusted, ERM):
 class FedBN(ERM):
     """FedBN (Li et al. 2021): each hospital keeps its batch-norm layers, the rest is shared.
 
-    A hospital that never trained (a new one) normalises with statistics of its own
-    unlabeled images (AdaBN), the weights and shifts being the federation's average.
+    Running statistics are recomputed from the hospital's own images whenever the model
+    arrives: after averaging, the convolutions differ from those the old statistics were
+    taken with. A hospital that never trained (a new one) does the same with its unlabeled
+    images (AdaBN), the normalisation's weights and shifts being the federation's average.
     """
 
     name = "fedbn"

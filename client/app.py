@@ -59,8 +59,7 @@ def _global_model(message: Message, site: SiteData, objective, context: Context)
     if kept is not None:
         state |= {key: array.numpy() for key, array in kept.items() if key in state}
     load_numpy_state(model, state)
-    if kept is None:
-        objective.localise(model, torch.as_tensor(site.train.images, dtype=torch.float32))
+    objective.localise(model, torch.as_tensor(site.train.images, dtype=torch.float32))
     return model
 
 

@@ -68,8 +68,8 @@ class Objective(ABC):
         return set()
 
     def localise(self, model: torch.nn.Module, images: torch.Tensor) -> None:
-        """Derive this hospital's own ``local_state_keys`` from its unlabeled images, when it
-        has none yet (a hospital that never trained, e.g. a new one)."""
+        """Refresh statistics this hospital derives from its own unlabeled images, each time it
+        receives the global model (e.g. FedBN's normalisation, for the weights just received)."""
 
     def prepare(
         self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor
