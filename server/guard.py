@@ -18,8 +18,8 @@ every client a p-value with an explanation:
   alone moves it fully. AUROC, not loss: a hospital with another prevalence shifts the
   bias and so the loss, while flipped labels or a flipped update reverse the ranking.
 
-The p-values are combined per client (Bonferroni over detectors) and controlled across
-clients by Benjamini-Hochberg at level ``fdr``. Suspicion accumulates across rounds: a
+The p-values are combined per client (Bonferroni within detector families, then across
+them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Suspicion accumulates across rounds: a
 client flagged in enough of the recent rounds stays excluded until it behaves. Flagged
 updates are excluded from the aggregate. Borderline ones are down-weighted.
 """
