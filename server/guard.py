@@ -104,14 +104,21 @@ class ClientMemory:
     alignment: float | None = None  # EWMA forecast of its cosine with the consensus
     recent_flags: deque = field(default_factory=lambda: deque(maxlen=3))
     ranking_z: deque = field(default_factory=lambda: deque(maxlen=4))  # solo-ranking z of past rounds
+    solo_change: float | None = None  # EWMA forecast of its model-alone AUROC change
 
-    def remember(self, residual: np.ndarray, log_norm: float, alignment: float, *, smoothing: float) -> None:
+    def remember(
+        self, residual: np.ndarray, log_norm: float, alignment: float, solo_change: float | None, *, smoothing: float
+    ) -> None:
         if self.residual is None:
             self.residual, self.log_norm, self.alignment = residual.copy(), log_norm, alignment
         else:
             self.residual = (1 - smoothing) * self.residual + smoothing * residual
             self.log_norm = (1 - smoothing) * self.log_norm + smoothing * log_norm
             self.alignment = (1 - smoothing) * self.alignment + smoothing * alignment
+        if solo_change is not None:
+            self.solo_change = solo_change if self.solo_change is None else (
+                (1 - smoothing) * self.solo_change + smoothing * solo_change
+            )
 
 
 @dataclass
@@ -255,7 +262,9 @@ def stouffer(z_scores: list[float]) -> float:
 class SoloRankingDetector(Detector):
     """Evidence accumulates over rounds (Stouffer): 200 validation cases rank one client's
     model only roughly, but an attacker is among the worst every round, an honest hospital
-    only now and then."""
+    only now and then. As for the forecast, the yardstick is the client's own accepted
+    history where it has one: a hospital whose cases always rank the validation set a
+    little worse (another prevalence, other shortcuts) is not blamed for it every round."""
 
     name = "solo-ranking"
     family = "intervention"
@@ -266,7 +275,11 @@ class SoloRankingDetector(Detector):
         if evidence.solo_auroc_changes is None:
             return Finding(np.ones(n), [""] * n)
         drop = -evidence.solo_auroc_changes
-        z = np.clip(robust_z(drop), -3.0, 6.0)  # one freak round must not dominate the sum
+        median = float(np.median(evidence.solo_auroc_changes))
+        expected = np.array([m.solo_change if m.solo_change is not None else median for m in evidence.memories])
+        surprise = expected - evidence.solo_auroc_changes  # > 0: worse than its own record
+        spread = 1.4826 * np.median(np.abs(drop - np.median(drop)))
+        z = np.clip(surprise / max(spread, 1e-6), -3.0, 6.0)  # one freak round must not dominate the sum
         pooled = np.array([stouffer([*m.ranking_z, value]) for m, value in zip(evidence.memories, z)])
         # Normal tail: a sum over rounds of clipped scores is no longer heavy-tailed.
         p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
@@ -354,8 +367,9 @@ class CausalGuard:
             verdicts.append(Verdict(client, flagged, weight, float(combined[i]),
                                     {name: float(f.p_values[i]) for name, f in findings.items()}, reasons))
             if not flagged:
+                solo = None if evidence.solo_auroc_changes is None else float(evidence.solo_auroc_changes[i])
                 memory.remember(evidence.residuals[i], float(evidence.log_norms[i]), float(evidence.alignments[i]),
-                                smoothing=self.smoothing)
+                                solo, smoothing=self.smoothing)
         if "solo-ranking" in findings and "z" in findings["solo-ranking"].extra:
             for memory, z in zip(evidence.memories, findings["solo-ranking"].extra["z"]):
                 memory.ranking_z.append(float(z))
