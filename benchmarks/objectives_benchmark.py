@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--no-loso", action="store_true", help="skip leave-one-site-out selection (5x faster)")
     parser.add_argument("--out", type=Path, default=None, help="JSONL of rows (default: /tmp/objectives-<config>.jsonl)")
+    parser.add_argument("--summary-only", action="store_true", help="summarise the rows in --out, train nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)  # several benchmark processes can then share the cores
 
@@ -155,7 +156,7 @@ def main() -> None:
     out = args.out or Path(f"/tmp/objectives-{base.name}.jsonl")
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
     done = {(r["method"], r["seed"]) for r in rows}
-    for seed in args.seeds:
+    for seed in [] if args.summary_only else args.seeds:
         for method in args.methods:
             if (method, seed) in done:
                 continue
