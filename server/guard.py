@@ -272,8 +272,8 @@ class SoloRankingDetector(Detector):
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
         n = len(evidence.clients)
-        if evidence.solo_auroc_changes is None:
-            return Finding(np.ones(n), [""] * n)
+        if evidence.solo_auroc_changes is None or not np.isfinite(evidence.solo_auroc_changes).all():
+            return Finding(np.ones(n), [""] * n)  # no ranking to compare (e.g. a one-class validation set)
         drop = -evidence.solo_auroc_changes
         median = float(np.median(evidence.solo_auroc_changes))
         expected = np.array([m.solo_change if m.solo_change is not None else median for m in evidence.memories])
@@ -368,6 +368,7 @@ class CausalGuard:
                                     {name: float(f.p_values[i]) for name, f in findings.items()}, reasons))
             if not flagged:
                 solo = None if evidence.solo_auroc_changes is None else float(evidence.solo_auroc_changes[i])
+                solo = solo if solo is not None and math.isfinite(solo) else None
                 memory.remember(evidence.residuals[i], float(evidence.log_norms[i]), float(evidence.alignments[i]),
                                 solo, smoothing=self.smoothing)
         if "solo-ranking" in findings and "z" in findings["solo-ranking"].extra:

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Message
-from sklearn.metrics import roc_auc_score
 
 from common.data import Split
 from common.files import atomic_write_text
+from common.metrics import auroc
 from common.protocol import ARRAYS_KEY, METRICS_KEY
 from server.guard import CausalGuard, Verdict
 
@@ -57,7 +57,7 @@ class ValidationProbe:
         return float(F.binary_cross_entropy_with_logits(logits, torch.as_tensor(self.split.labels).float()))
 
     def auroc(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
-        return float(roc_auc_score(self.split.labels, self._logits(flat, names, shapes).numpy()))
+        return auroc(labels=self.split.labels, scores=self._logits(flat, names, shapes).numpy())
 
 
 def leave_one_out_effects(
