@@ -54,11 +54,15 @@ def count_sketch(vector: np.ndarray, *, size: int = SKETCH_SIZE, seed: int = 0) 
     return np.bincount(buckets, weights=signs * vector, minlength=size)
 
 
+def robust_spread(values: np.ndarray) -> float:
+    """1.4826 * MAD: the standard deviation for normal data, ignoring up to half outliers."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
 def robust_z(values: np.ndarray) -> np.ndarray:
     """(x - median) / (1.4826 * MAD): stays honest with up to half the clients lying."""
     median = np.median(values)
-    spread = 1.4826 * np.median(np.abs(values - median))
-    return (values - median) / max(spread, 1e-12 + 1e-6 * abs(median))
+    return (values - median) / max(robust_spread(values), 1e-12 + 1e-6 * abs(median))
 
 
 HEAVY_TAIL_DF = 5  # robust z-scores of a few clients are heavy-tailed: Student-t, not normal
@@ -278,8 +282,7 @@ class SoloRankingDetector(Detector):
         median = float(np.median(evidence.solo_auroc_changes))
         expected = np.array([m.solo_change if m.solo_change is not None else median for m in evidence.memories])
         surprise = expected - evidence.solo_auroc_changes  # > 0: worse than its own record
-        spread = 1.4826 * np.median(np.abs(drop - np.median(drop)))
-        z = np.clip(surprise / max(spread, 1e-6), -3.0, 6.0)  # one freak round must not dominate the sum
+        z = np.clip(surprise / max(robust_spread(drop), 1e-6), -3.0, 6.0)  # one freak round must not dominate the sum
         pooled = np.array([stouffer([*m.ranking_z, value]) for m, value in zip(evidence.memories, z)])
         # Normal tail: a sum over rounds of clipped scores is no longer heavy-tailed.
         p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
