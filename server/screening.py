@@ -32,6 +32,22 @@ def model_spec(arrays: ArrayRecord) -> dict[str, ArraySpec]:
     return {name: ArraySpec(tuple(array.shape), str(array.dtype)) for name, array in arrays.items()}
 
 
+def restore_dtypes(aggregate: ArrayRecord, spec: dict[str, ArraySpec]) -> ArrayRecord:
+    """The aggregate with every array back in the global model's dtype.
+
+    A weighted mean turns integer arrays (batch norm's ``num_batches_tracked``) into
+    float64; left so, the next round's global model would declare float64 and every
+    hospital's int64 update would be rejected as malformed. Integers are rounded.
+    """
+    restored = {}
+    for name, array in aggregate.items():
+        values, dtype = array.numpy(), np.dtype(spec[name].dtype) if name in spec else None
+        if dtype is not None and values.dtype != dtype:
+            values = (np.rint(values) if np.issubdtype(dtype, np.integer) else values).astype(dtype)
+        restored[name] = Array(np.asarray(values))
+    return ArrayRecord(restored)
+
+
 def array_problem(name: str, array: Array, spec: ArraySpec) -> str | None:
     if tuple(array.shape) != spec.shape:
         return f"array {name!r} has shape {tuple(array.shape)}, expected {spec.shape}"

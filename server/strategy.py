@@ -34,7 +34,7 @@ from server.history import RunHistory
 from server.resume import ServerState
 from server.guard import CausalGuard
 from server.guard_round import ValidationProbe, guard_replies, write_anomaly_report
-from server.screening import model_spec, update_problem
+from server.screening import model_spec, restore_dtypes, update_problem
 
 
 class CausalFedAvg(FedAvg):
@@ -212,6 +212,8 @@ class CausalFedAvg(FedAvg):
         if usable:
             self.federation_stats = average_statistics(usable)
         arrays, metrics = super().aggregate_train(server_round, usable) if usable else (None, None)
+        if arrays is not None and self._sent is not None:
+            arrays = restore_dtypes(arrays, model_spec(self._sent))
         if self.auditor is not None:
             self.auditor.note_aggregate(arrays)
         return arrays, metrics

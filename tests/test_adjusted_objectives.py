@@ -147,10 +147,16 @@ def test_adjusted_objectives_run_in_a_federation(small_scenario):
     from simulations.runner import run_scenario
 
     for objective in ("backdoor-strata", "backdoor-style", "fedbn"):
-        scenario = small_scenario.with_overrides(training={"objective": objective, "objective_params": {}})
+        scenario = small_scenario.with_overrides(
+            training={"objective": objective, "objective_params": {}}, federation={"num_rounds": 3}
+        )
         history = run_scenario(scenario)
-        assert len(history["rounds"]) == 2
+        assert len(history["rounds"]) == 3
         assert all(np.isfinite(m["test-auroc"]) for m in history["rounds"][-1]["sites"].values())
+        # Every round aggregates every hospital: after averaging, batch norm's integer
+        # counters once came back as floats and every later update was rejected.
+        rejected = [(r["round"], s) for r in history["rounds"] for s, m in r["sites"].items() if "update-rejected" in m]
+        assert rejected == [], f"{objective}: updates rejected in (round, site) {rejected}"
 
 
 def test_pooled_erm_history_works_with_model_selection(small_scenario, tmp_path):

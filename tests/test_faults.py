@@ -240,3 +240,16 @@ def test_cli_resumes_a_crashed_run_and_explains_bad_folders(small_scenario, tmp_
     assert "verified" in result.output and (run_dir / "report.html").is_file()
     missing = CliRunner().invoke(cli, ["simulate", "--resume", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "not a run folder" in missing.output
+
+
+def test_the_aggregate_keeps_the_global_models_dtypes():
+    from flwr.app import ArrayRecord
+
+    from server.screening import model_spec, restore_dtypes
+
+    sent = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32)), "count": Array(np.array(4, dtype=np.int64))})
+    averaged = ArrayRecord({"w": Array(np.ones(3, dtype=np.float64)), "count": Array(np.array(5.6))})
+    restored = restore_dtypes(averaged, model_spec(sent))
+    assert restored["w"].numpy().dtype == np.float32 and restored["count"].numpy().dtype == np.int64
+    assert int(restored["count"].numpy()) == 6
+    assert model_spec(restored) == model_spec(sent)

@@ -231,6 +231,18 @@ def test_signing_key_is_private(tmp_path):
     assert load_or_create_key(path).public_key().public_bytes_raw() == key.public_key().public_bytes_raw()
 
 
+def test_runs_starting_together_share_one_signing_key(tmp_path):
+    """Two runs in one folder racing to create the key both end with the winner's key."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "keys" / "server.pem"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keys = list(pool.map(lambda _: load_or_create_key(path), range(16)))
+    on_disk = load_or_create_key(path).public_key().public_bytes_raw()
+    assert {k.public_key().public_bytes_raw() for k in keys} == {on_disk}
+    assert [p.name for p in path.parent.iterdir()] == ["server.pem"]  # no temporary files left
+
+
 def test_compact_range_matches_the_recursive_definition():
     from common.provenance.merkle import CompactRange, prefix_roots
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,14 +82,27 @@ def drop_torn_tail(path: Path) -> str | None:
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
-    """The server's signing key, created with owner-only permissions on first use."""
+    """The server's signing key, created with owner-only permissions on first use.
+
+    Safe when several runs start at once in the same folder: the new key is written to a
+    private temporary file and hard-linked into place, which fails if another run won the
+    race; that run's key, complete by then, is used instead.
+    """
     if path.exists():
         return load_private_key(path.read_bytes())
-    key = Ed25519PrivateKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private_pem(key))
+    key = Ed25519PrivateKey.generate()
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0o600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(private_pem(key))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, path)
+    except FileExistsError:
+        return load_private_key(path.read_bytes())
+    finally:
+        os.unlink(temporary)
     return key
 
 
