@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from client.objectives import build_objective
-from client.task import evaluate, new_model, prior_shift_offset, train_locally
+from client.priors import prior_shift_offset
+from client.task import evaluate, new_model, train_locally
 from common.config import Scenario, load_scenario
 from common.data import Split
 from simulations.datasets import build_site

@@ -9,6 +9,10 @@ hospital:
 - leave-one-site-out: fold k trains without training hospital k; the round with the best
   mean AUROC of the left-out hospitals is used for the full run (4 extra runs per row).
 
+A method with a hyperparameter grid (``GRIDS``: IRMv1's penalty weight and warm-up) runs
+once per setting, and each rule also picks the setting, by the same score it picks the
+round with (DomainBed's protocol).
+
 Also the held-out hospital's AUROC before/after `causalfed adapt` on its unlabeled images
 (the final model). Rows are appended to ``--out`` as they finish; a rerun skips the rows
 already there, so a long benchmark survives interruption.
@@ -38,7 +42,7 @@ from common.config import Scenario, load_scenario
 from simulations.datasets import build_site
 from simulations.pooled import run_pooled
 from simulations.runner import run_scenario
-from simulations.selection import leave_one_site_out, loso_round, round_summary, select_round
+from simulations.selection import leave_one_site_out, loso_scores, round_summary, select_round
 
 POOLED = "pooled ERM"
 METHODS: dict[str, dict] = {
@@ -55,6 +59,10 @@ METHODS: dict[str, dict] = {
     "backdoor (strata) + V-REx": {"objective": "backdoor-strata-vrex", "objective_params": {}},
 }
 BASELINES = ("FedAvg-ERM", "FedProx", "FedBN", POOLED)
+# Settings each selection rule chooses among; other methods run their one setting above.
+GRIDS: dict[str, list[dict]] = {
+    "IRMv1": [{"penalty_weight": w, "warmup_rounds": k} for w in (10.0, 100.0, 1000.0) for k in (3, 10)],
+}
 
 
 def _train(method: str, scenario: Scenario, folder: Path) -> dict:
@@ -74,29 +82,49 @@ def _adapt_heldout(scenario: Scenario, model_path: Path, seed: int) -> tuple[flo
     return before, evaluate(adapted, site.test)["auroc"]
 
 
-def _scores(history: dict, chosen: int) -> dict[str, float]:
+def _scores(history: dict, chosen: int, criterion: float) -> dict[str, float]:
     entry = round_summary(next(r for r in history["rounds"] if r["round"] == chosen))
     worst = min(entry["worst-train-site-auroc"], entry["ood-auroc"])
-    return {"round": chosen, "ood": entry["ood-auroc"], "worst": worst, "iid": entry["iid-auroc"]}
+    return {"round": chosen, "ood": entry["ood-auroc"], "worst": worst, "iid": entry["iid-auroc"],
+            "criterion": criterion}
+
+
+def run_setting(method: str, scenario: Scenario, folder: Path, *, loso: bool) -> dict:
+    """One hyperparameter setting: its round chosen by each rule, and adapt on its final model."""
+    (folder / "full").mkdir(parents=True)
+    history = _train(method, scenario, folder / "full")
+    before, after = _adapt_heldout(scenario, folder / "full" / "model.pt", scenario.seed)
+    warmup = history["meta"]["warmup-rounds"]
+    chosen = select_round(history, warmup_rounds=warmup, criterion="val-auroc")
+    validation = round_summary(next(r for r in history["rounds"] if r["round"] == chosen))["train-val-auroc"]
+    result = {"training-site": _scores(history, chosen, validation), "adapt": {"before": before, "after": after}}
+    if loso:
+        folds = {}
+        for site in scenario.data.train_sites:
+            (folder / f"fold-{site.name}").mkdir()
+            folds[site.name] = _train(method, leave_one_site_out(scenario, site.name), folder / f"fold-{site.name}")
+        scores = loso_scores(folds, warmup_rounds=warmup)
+        best = max(scores, key=lambda r: (scores[r], r))
+        result["leave-one-site-out"] = _scores(history, best, scores[best])
+    return result
 
 
 def run_row(method: str, scenario: Scenario, *, loso: bool) -> dict:
+    """Every setting of the method; each selection rule keeps the setting it scores best."""
     started = time.monotonic()
+    grid = GRIDS.get(method, [scenario.training.objective_params])
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "full"
-        folder.mkdir()
-        history = _train(method, scenario, folder)
-        before, after = _adapt_heldout(scenario, folder / "model.pt", scenario.seed)
-        warmup = history["meta"]["warmup-rounds"]
-        row = {"training-site": _scores(history, select_round(history, warmup_rounds=warmup, criterion="val-auroc")),
-               "adapt": {"before": before, "after": after}}
-        if loso:
-            folds = {}
-            for site in scenario.data.train_sites:
-                fold_dir = Path(tmp) / f"fold-{site.name}"
-                fold_dir.mkdir()
-                folds[site.name] = _train(method, leave_one_site_out(scenario, site.name), fold_dir)
-            row["leave-one-site-out"] = _scores(history, loso_round(folds, warmup_rounds=warmup))
+        for index, params in enumerate(grid):
+            setting = scenario.with_overrides(training={"objective_params": params})
+            results.append(run_setting(method, setting, Path(tmp) / f"setting-{index}", loso=loso) | {"params": params})
+    row = {"settings": len(grid)}
+    for rule in ("training-site", "leave-one-site-out"):
+        if rule in results[0]:
+            best = max(results, key=lambda r: r[rule]["criterion"])
+            row[rule] = best[rule] | {"params": best["params"]}
+            if rule == "training-site":
+                row["adapt"] = best["adapt"]  # the final model of the setting training-site validation chose
     return row | {"seconds": round(time.monotonic() - started, 1)}
 
 
@@ -117,6 +145,9 @@ def summarise(rows: list[dict], selections: list[str]) -> None:
             print(f"{method:<28}{_mean([c['ood'] for c in chosen]):>16}{_mean([c['worst'] for c in chosen]):>18}"
                   f"{_mean([c['iid'] for c in chosen]):>16}{len(chosen):>3}")
         _targets(means)
+        for method in (m for m in methods if m in GRIDS):
+            picks = [(r["seed"], r[selection]["params"]) for r in rows if r["method"] == method and selection in r]
+            print(f"{method} settings chosen (seed, setting): {picks}")
     print(f"\nheld-out hospital, final model, before -> after `adapt` (unlabeled images only)")
     for method in methods:
         adapt = [r["adapt"] for r in rows if r["method"] == method]
@@ -168,7 +199,8 @@ def main() -> None:
             chosen = row["training-site"]
             print(f"{method:<28} seed {seed}: ood {chosen['ood']:.3f} worst {chosen['worst']:.3f} iid {chosen['iid']:.3f}"
                   + (f" | loso ood {row['leave-one-site-out']['ood']:.3f}" if "leave-one-site-out" in row else "")
-                  + f" | adapt {row['adapt']['before']:.3f}->{row['adapt']['after']:.3f} ({row['seconds']:.0f}s)", flush=True)
+                  + f" | adapt {row['adapt']['before']:.3f}->{row['adapt']['after']:.3f} ({row['seconds']:.0f}s)"
+                  + (f" | chosen {chosen['params']}" if row["settings"] > 1 else ""), flush=True)
     rows = [r for r in rows if r["seed"] in args.seeds and r["method"] in args.methods]
     summarise(rows, ["training-site"] + ([] if args.no_loso else ["leave-one-site-out"]))
 

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.objectives import build_objective
+from client.priors import prior_shift_offset
 from client.privacy import (
     DPSettings,
     PrivacyBudgetSpent,
@@ -21,7 +22,7 @@ from client.privacy import (
     train_privately,
 )
 from client.sites import BudgetSource, SiteSource, budget_from_node_config, site_from_node_config
-from client.task import evaluate, load_numpy_state, new_model, prior_shift_offset, split_strata, train_locally
+from client.task import evaluate, load_numpy_state, new_model, split_strata, train_locally
 from common.data import SiteData
 from common.protocol import (
     ARRAYS_KEY,

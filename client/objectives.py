@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from client.priors import prior_shift_offset
+
 OBJECTIVES: dict[str, type[Objective]] = {}
 
 
@@ -147,11 +149,19 @@ class IRMv1(Objective):
 
     During warm-up the penalty weight is 1 (the model first learns features); afterwards it
     jumps to ``penalty_weight`` and the loss is rescaled by it so the step size stays sane.
+
+    Hospitals differ in prevalence, and under such label shift no single classifier is
+    optimal at every hospital, so the plain penalty pushes the network to recognise the
+    hospital (its scanner, its tags) to fit each one's prior: the very shortcut IRM is meant
+    to remove. Each hospital therefore scores the federation's classifier shifted by its
+    own prior (Bayes' rule, ``prior_shift_offset``), and the penalty asks only for what
+    label shift leaves invariant. The federation's prevalence is a broadcast statistic.
     """
 
     name = "irm"
     Params = IRMParams
     per_example_loss = False  # the penalty couples the examples of a batch
+    prior_offset: float = 0.0  # this hospital's logit shift; set by prepare()
 
     @property
     def warmup_rounds(self) -> int:
@@ -159,6 +169,19 @@ class IRMv1(Objective):
 
     def penalty_weight(self) -> float:
         return self.params.penalty_weight if self.server_round > self.params.warmup_rounds else 1.0
+
+    def statistics(self, model, images, labels, strata=None):
+        return {"prevalence": np.array([float(labels.float().mean())])}
+
+    def prepare(self, model, images, labels, strata):
+        federation = self.federation.get("prevalence")
+        if federation is not None and 0.0 < float(federation[0]) < 1.0:
+            self.prior_offset = prior_shift_offset(
+                local_positive=int(labels.sum()), local_total=len(labels), reference_prevalence=float(federation[0])
+            )
+
+    def logits(self, model, images, strata):
+        return super().logits(model, images, strata) + self.prior_offset
 
     def loss(self, model, images, labels, strata=None):
         logits = self.logits(model, images, strata)
@@ -170,6 +193,8 @@ class IRMv1(Objective):
 
     def validation_loss(self, model, images, labels, strata=None):
         model.eval()
+        if "prior_offset" not in self.__dict__:  # evaluation without training: this split's prior
+            self.prepare(model, images, labels, strata)
         logits = self.logits(model, images, strata)
         risk = F.binary_cross_entropy_with_logits(logits, labels)
         penalty = irm_penalty(logits, labels, split_halves=False)

@@ -84,12 +84,12 @@ def leave_one_site_out(scenario, left_out: str):
     return type(scenario).model_validate(raw)
 
 
-def loso_round(fold_histories: dict[str, dict[str, Any]], *, warmup_rounds: int = 0) -> int:
-    """The round whose models did best, on average, at the training hospital each fold left out.
+def loso_scores(fold_histories: dict[str, dict[str, Any]], *, warmup_rounds: int = 0) -> dict[int, float]:
+    """Each round's mean validation AUROC at the training hospital each fold left out.
 
     DomainBed's leave-one-domain-out selection with the round as the choice: fold k trains
-    without hospital k and scores round r by k's validation AUROC; the chosen round is the
-    best mean over folds (after warm-up).
+    without hospital k and scores round r by k's validation AUROC. Only rounds after the
+    warm-up that every fold scored are eligible.
     """
     if not fold_histories:
         raise ValueError("leave-one-site-out selection needs at least one fold")
@@ -99,7 +99,13 @@ def loso_round(fold_histories: dict[str, dict[str, Any]], *, warmup_rounds: int 
             value = entry["sites"].get(left_out, {}).get("val-auroc")
             if value is not None and math.isfinite(value):
                 scores.setdefault(entry["round"], []).append(value)
-    eligible = {r: np.mean(v) for r, v in scores.items() if r > warmup_rounds and len(v) == len(fold_histories)}
+    eligible = {r: float(np.mean(v)) for r, v in scores.items() if r > warmup_rounds and len(v) == len(fold_histories)}
     if not eligible:
         raise ValueError("no round was scored by every fold")
+    return eligible
+
+
+def loso_round(fold_histories: dict[str, dict[str, Any]], *, warmup_rounds: int = 0) -> int:
+    """The round whose models did best, on average, at the hospital each fold left out."""
+    eligible = loso_scores(fold_histories, warmup_rounds=warmup_rounds)
     return max(eligible, key=lambda r: (eligible[r], r))

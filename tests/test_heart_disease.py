@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.task import prior_shift_offset
+from client.priors import prior_shift_offset
 from common.config import ScenarioError, load_scenario, parse_scenario
 from simulations.datasets import build_site
 from simulations.heart_disease import feature_names, read_hospital
