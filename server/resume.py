@@ -31,6 +31,9 @@ class ServerState:
     arrays: dict[str, np.ndarray]
     retired_sites: list[str] = field(default_factory=list)
     sampler_state: Any = None
+    # The statistics the next round broadcasts (mean risk, prevalence, prototypes...):
+    # without them a resumed round would train on another objective than the original.
+    federation_statistics: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_arrayrecord(self) -> ArrayRecord:
         return ArrayRecord({name: Array(value) for name, value in self.arrays.items()})
@@ -41,7 +44,8 @@ class ServerState:
 
     def save(self, path: Path) -> None:
         meta = {"completed_round": self.completed_round, "retired_sites": self.retired_sites,
-                "sampler_state": self.sampler_state}
+                "sampler_state": self.sampler_state,
+                "federation_statistics": {k: np.asarray(v).tolist() for k, v in self.federation_statistics.items()}}
         buffer = io.BytesIO()
         np.savez(buffer, **self.arrays, **{META_KEY: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)})
         atomic_write_bytes(path, buffer.getvalue())
@@ -53,7 +57,8 @@ class ServerState:
         with np.load(path, allow_pickle=False) as saved:
             meta = json.loads(saved[META_KEY].tobytes().decode())
             arrays = {name: saved[name] for name in saved.files if name != META_KEY}
-        return cls(meta["completed_round"], arrays, meta["retired_sites"], _as_tuples(meta["sampler_state"]))
+        statistics = {k: np.asarray(v, dtype=np.float64) for k, v in meta.get("federation_statistics", {}).items()}
+        return cls(meta["completed_round"], arrays, meta["retired_sites"], _as_tuples(meta["sampler_state"]), statistics)
 
 
 def _as_tuples(value: Any) -> Any:

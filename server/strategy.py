@@ -85,15 +85,15 @@ class CausalFedAvg(FedAvg):
         self.train_nodes = [n for n in self.train_nodes if self.profiles[n].site not in retired]
         if state.sampler_state is not None:
             self._sampler.setstate(state.sampler_state)
+        self.federation_stats = dict(state.federation_statistics)
 
     def _save_state(self, server_round: int) -> None:
         if self.state_path is None or self._evaluated is None:
             return
         training = {self.profiles[n].site for n in self.train_nodes}
         retired = sorted(p.site for p in self.profiles.values() if p.role == "train" and p.site not in training)
-        ServerState(server_round, ServerState.numpy_arrays(self._evaluated), retired, self._sampler.getstate()).save(
-            self.state_path
-        )
+        arrays = ServerState.numpy_arrays(self._evaluated)
+        ServerState(server_round, arrays, retired, self._sampler.getstate(), self.federation_stats).save(self.state_path)
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
