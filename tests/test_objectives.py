@@ -74,6 +74,32 @@ def test_irm_loss_is_rescaled_after_warmup():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_irm_judges_each_hospital_with_the_federation_classifier_shifted_to_its_prior():
+    # A hospital with prevalence 0.8, against a federation at 0.5: the classifier that is
+    # optimal there is the federation's plus logit(0.8) - logit(0.5) (Bayes' rule), so a
+    # calibrated federation model must not be penalised for this hospital's prior.
+    torch.manual_seed(0)
+    federation_logits = torch.randn(20000) * 2
+    shift = float(np.log(0.8 / 0.2))
+    local = torch.bernoulli(torch.sigmoid(federation_logits + shift))
+    positives = int(local.sum())
+    labels = local
+
+    class Fixed(torch.nn.Module):
+        def forward(self, _images):
+            return federation_logits
+
+    objective = build_objective("irm", {}, server_round=1, federation={"prevalence": np.array([0.5])})
+    objective.prepare(Fixed(), None, labels, None)
+    expected = np.log((positives + 1) / (len(labels) - positives + 1))
+    assert objective.prior_offset == pytest.approx(expected)
+    shifted = abs(irm_penalty(objective.logits(Fixed(), None, None), labels).item())
+    assert irm_penalty(federation_logits, labels).item() > 10 * shifted  # unshifted, the prior looks like a flaw
+    assert build_objective("irm", {}, server_round=1).prior_offset == 0.0  # no federation prevalence yet
+    stats = objective.statistics(Fixed(), None, labels)
+    assert stats["prevalence"] == pytest.approx([positives / len(labels)])
+
+
 def test_objective_validation_messages():
     with pytest.raises(ValueError, match="unknown objective 'nope'; registered"):
         validate_objective("nope", {})
