@@ -42,7 +42,7 @@ from common.config import Scenario, load_scenario
 from simulations.datasets import build_site
 from simulations.pooled import run_pooled
 from simulations.runner import run_scenario
-from simulations.selection import leave_one_site_out, loso_scores, round_summary, select_round
+from simulations.selection import best_scored_round, leave_one_site_out, loso_scores, round_summary, select_round
 
 POOLED = "pooled ERM"
 METHODS: dict[str, dict] = {
@@ -104,7 +104,7 @@ def run_setting(method: str, scenario: Scenario, folder: Path, *, loso: bool) ->
             (folder / f"fold-{site.name}").mkdir()
             folds[site.name] = _train(method, leave_one_site_out(scenario, site.name), folder / f"fold-{site.name}")
         scores = loso_scores(folds, warmup_rounds=warmup)
-        best = max(scores, key=lambda r: (scores[r], r))
+        best = best_scored_round(scores)
         result["leave-one-site-out"] = _scores(history, best, scores[best])
     return result
 

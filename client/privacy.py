@@ -21,7 +21,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.task import run_updates, split_strata
+from client.task import run_updates, split_strata, split_tensors
 from common.data import Split
 
 if TYPE_CHECKING:
@@ -134,8 +134,7 @@ def train_privately(
     sample_rate = 1.0 / per_epoch
     check_budget(ledger, settings, sample_rate=sample_rate, steps=epochs * per_epoch)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    images, labels = torch.as_tensor(split.images, dtype=torch.float32), torch.as_tensor(split.labels).float()
-    objective.prepare(model, images, labels, split_strata(split))  # as train_locally does
+    objective.prepare(model, *split_tensors(split), split_strata(split))  # as train_locally does
     model.train()
     private_model, dp_optimizer, loader = _make_private(model, optimizer, split, settings, batch_size=batch_size, seed=seed)
     batches = ((images, labels) for _ in range(epochs) for images, labels in loader if len(labels) > 0)

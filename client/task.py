@@ -43,7 +43,8 @@ def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
     model.load_state_dict(tensors)
 
 
-def _as_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images and labels as the float tensors training and the objectives use."""
     return torch.as_tensor(split.images, dtype=torch.float32), torch.as_tensor(split.labels).float()
 
 
@@ -68,7 +69,7 @@ def train_locally(
     A fresh Adam per call: each round restarts the optimizer, which is also the restart
     IRM needs when its penalty switches on at a round boundary.
     """
-    images, labels = _as_tensors(split)
+    images, labels = split_tensors(split)
     strata = split_strata(split)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -119,7 +120,7 @@ def evaluate(
     scores = predict_scores(model, split.images, logit_offset=logit_offset)
     metrics = binary_metrics(labels=split.labels, scores=scores)
     if objective is not None:
-        images, labels = _as_tensors(split)
+        images, labels = split_tensors(split)
         metrics["objective"] = (
             objective.validation_loss(model, images, labels, split_strata(split)) if len(labels) > 1 else float("nan")
         )

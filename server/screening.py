@@ -38,13 +38,17 @@ def restore_dtypes(aggregate: ArrayRecord, spec: dict[str, ArraySpec]) -> ArrayR
     A weighted mean turns integer arrays (batch norm's ``num_batches_tracked``) into
     float64; left so, the next round's global model would declare float64 and every
     hospital's int64 update would be rejected as malformed. Integers are rounded.
+    Arrays already in their dtype are kept as they are (no re-encoding).
     """
     restored = {}
     for name, array in aggregate.items():
-        values, dtype = array.numpy(), np.dtype(spec[name].dtype) if name in spec else None
-        if dtype is not None and values.dtype != dtype:
-            values = (np.rint(values) if np.issubdtype(dtype, np.integer) else values).astype(dtype)
-        restored[name] = Array(np.asarray(values))
+        wanted = np.dtype(spec[name].dtype)
+        if str(array.dtype) == spec[name].dtype:
+            restored[name] = array
+            continue
+        values = array.numpy()
+        values = np.rint(values) if np.issubdtype(wanted, np.integer) else values
+        restored[name] = Array(np.asarray(values.astype(wanted)))
     return ArrayRecord(restored)
 
 
