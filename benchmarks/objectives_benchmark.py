@@ -82,11 +82,13 @@ def _adapt_heldout(scenario: Scenario, model_path: Path, seed: int) -> tuple[flo
     return before, evaluate(adapted, site.test)["auroc"]
 
 
-def _scores(history: dict, chosen: int, criterion: float) -> dict[str, float]:
+def _scores(history: dict, chosen: int, criterion: float | None = None) -> dict[str, float]:
+    """The chosen round's results, and the score it was chosen by (default: training-site
+    validation AUROC)."""
     entry = round_summary(next(r for r in history["rounds"] if r["round"] == chosen))
     worst = min(entry["worst-train-site-auroc"], entry["ood-auroc"])
     return {"round": chosen, "ood": entry["ood-auroc"], "worst": worst, "iid": entry["iid-auroc"],
-            "criterion": criterion}
+            "criterion": entry["train-val-auroc"] if criterion is None else criterion}
 
 
 def run_setting(method: str, scenario: Scenario, folder: Path, *, loso: bool) -> dict:
@@ -96,8 +98,7 @@ def run_setting(method: str, scenario: Scenario, folder: Path, *, loso: bool) ->
     before, after = _adapt_heldout(scenario, folder / "full" / "model.pt", scenario.seed)
     warmup = history["meta"]["warmup-rounds"]
     chosen = select_round(history, warmup_rounds=warmup, criterion="val-auroc")
-    validation = round_summary(next(r for r in history["rounds"] if r["round"] == chosen))["train-val-auroc"]
-    result = {"training-site": _scores(history, chosen, validation), "adapt": {"before": before, "after": after}}
+    result = {"training-site": _scores(history, chosen), "adapt": {"before": before, "after": after}}
     if loso:
         folds = {}
         for site in scenario.data.train_sites:

@@ -108,8 +108,3 @@ def loso_scores(fold_histories: dict[str, dict[str, Any]], *, warmup_rounds: int
 def best_scored_round(scores: dict[int, float]) -> int:
     """The round with the highest score; on a tie, the later round (it trained longer)."""
     return max(scores, key=lambda r: (scores[r], r))
-
-
-def loso_round(fold_histories: dict[str, dict[str, Any]], *, warmup_rounds: int = 0) -> int:
-    """The round whose models did best, on average, at the hospital each fold left out."""
-    return best_scored_round(loso_scores(fold_histories, warmup_rounds=warmup_rounds))

@@ -22,7 +22,7 @@ from client.task import evaluate, split_strata, train_locally
 from common.config import ScenarioError, load_scenario, parse_scenario
 from common.protocol import ARRAYS_KEY
 from simulations.scm import make_site
-from simulations.selection import leave_one_site_out, loso_round, summarise_run
+from simulations.selection import best_scored_round, leave_one_site_out, loso_scores, summarise_run
 
 
 def test_strata_number_the_recorded_states_alike_everywhere():
@@ -177,10 +177,10 @@ def test_leave_one_site_out_folds_and_round_choice(small_scenario):
         return {"rounds": [{"round": r + 1, "sites": {site: {"val-auroc": s}}} for r, s in enumerate(scores)]}
 
     folds = {"A": history([0.9, 0.6, 0.7], "A"), "B": history([0.9, 0.8, 0.75], "B")}
-    assert loso_round(folds) == 1
-    assert loso_round(folds, warmup_rounds=1) == 3  # round 1 is inside the warm-up
+    assert best_scored_round(loso_scores(folds)) == 1
+    assert best_scored_round(loso_scores(folds, warmup_rounds=1)) == 3  # round 1 is inside the warm-up
     with pytest.raises(ValueError, match="at least one fold"):
-        loso_round({})
+        loso_scores({})
 
 
 def test_a_new_hospital_normalises_with_its_own_images():
