@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -55,17 +56,22 @@ def world(seed: int) -> Scenario:
 
 
 def trained_model(scenario: Scenario):
+    return trained_run(scenario)[0]
+
+
+def trained_run(scenario: Scenario):
+    """The federation's final model and its run folder (which also holds its feature moments)."""
+    import tempfile
+
     import torch
 
     from client.task import new_model
 
-    folder = __import__("tempfile").mkdtemp(prefix="explain-")
-    from pathlib import Path
-
-    run_scenario(scenario, run_dir=Path(folder))
+    folder = Path(tempfile.mkdtemp(prefix="explain-"))
+    run_scenario(scenario, run_dir=folder)
     model = new_model(seed=0)
-    model.load_state_dict(torch.load(Path(folder) / "model.pt"))
-    return model
+    model.load_state_dict(torch.load(folder / "model.pt"))
+    return model, folder
 
 
 def shifted_site(scenario: Scenario, change: dict, draw: int):

@@ -9,16 +9,23 @@ by information maximisation:
   hospital's own prevalence, obtained by EM on the model's posteriors (Saerens et al.
   2002). SHOT's diversity term would force 50/50, which is wrong for most hospitals;
 - self-training: pseudo-labels from the nearest class prototype in feature space.
+
+`onboard` first asks whether there is a shift at all: if the hospital's features sit
+within a small standardised effect of the federation's (``common.feature_shift``), the
+model is left as it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from client.task import feature_moments
+from common.feature_shift import SMALL_EFFECT, FeatureMoments, standardised_shift
 
 PREVALENCE_RANGE = (0.05, 0.95)
 
@@ -58,6 +65,8 @@ class AdaptationResult:
     epochs: int
     mean_entropy_before: float
     mean_entropy_after: float
+    shift: float | None = None  # standardised feature shift from the federation, if it was checked
+    adapted: bool = True
 
 
 @torch.no_grad()
@@ -113,3 +122,27 @@ def adapt_features(
         parameter.requires_grad_(True)
     after = _probabilities(model, inputs)
     return AdaptationResult(prevalence, epochs, float(binary_entropy(before).mean()), float(binary_entropy(after).mean()))
+
+
+def onboard(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    reference: FeatureMoments | None,
+    min_shift: float = SMALL_EFFECT,
+    **adapt_options,
+) -> AdaptationResult:
+    """`adapt_features`, unless the model sees ``images`` as it saw the federation's.
+
+    ``reference`` holds the federation's feature moments under this model; without one
+    there is nothing to compare against, and the model is adapted.
+    """
+    if reference is None:
+        return adapt_features(model, images, **adapt_options)
+    shift = standardised_shift(feature_moments(model, images), reference)
+    if shift < min_shift:
+        entropy = float(binary_entropy(_probabilities(model, torch.as_tensor(images, dtype=torch.float32))).mean())
+        source = adapt_options.get("source_prevalence", 0.5)
+        return AdaptationResult(source, 0, entropy, entropy, shift=shift, adapted=False)
+    result = adapt_features(model, images, **adapt_options)
+    return replace(result, shift=shift)

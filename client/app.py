@@ -22,7 +22,7 @@ from client.privacy import (
     train_privately,
 )
 from client.sites import BudgetSource, SiteSource, budget_from_node_config, site_from_node_config
-from client.task import evaluate, load_numpy_state, new_model, split_strata, train_locally
+from client.task import evaluate, feature_moments, load_numpy_state, new_model, split_strata, train_locally
 from common.data import SiteData
 from common.protocol import (
     ARRAYS_KEY,
@@ -32,6 +32,7 @@ from common.protocol import (
     CHECKPOINT_KEY,
     CONFIG_KEY,
     EVAL_SPLITS,
+    FEATURE_MOMENTS_KEY,
     METRICS_KEY,
     PROFILE_KEY,
     ProtocolError,
@@ -202,7 +203,17 @@ def handle_evaluate(message: Message, site: SiteData, context: Context) -> Recor
     for split in EVAL_SPLITS:
         for name, value in evaluate(model, site.split(split), objective, logit_offset=offset).items():
             metrics[eval_metric_key(split, name)] = value
-    return RecordDict({METRICS_KEY: metrics})
+    content = RecordDict({METRICS_KEY: metrics})
+    if _reports_feature_moments(instructions, site):
+        content[FEATURE_MOMENTS_KEY] = ConfigRecord(feature_moments(model, site.train.images).to_record())
+    return content
+
+
+def _reports_feature_moments(instructions: TrainInstructions, site: SiteData) -> bool:
+    """Only at the last round, from training hospitals, and never under DP-SGD: the moments
+    are released without noise, which would void the hospital's privacy guarantee."""
+    last_round = instructions.server_round == instructions.num_rounds
+    return last_round and site.role == "train" and instructions.dp_target_epsilon == 0 and len(site.train) > 0
 
 
 def handle_checkpoint(

@@ -13,6 +13,7 @@ from torch import nn
 from client.models import FEATURE_DIM, new_model, strata_index  # noqa: F401 (re-exported)
 from common.config import Scenario
 from common.data import Split
+from common.feature_shift import FeatureMoments
 from common.metrics import binary_metrics
 
 if TYPE_CHECKING:
@@ -125,3 +126,13 @@ def evaluate(
             objective.validation_loss(model, images, labels, split_strata(split)) if len(labels) > 1 else float("nan")
         )
     return metrics
+
+
+@torch.no_grad()
+def feature_moments(model: nn.Module, images: np.ndarray, *, batch_size: int = 512) -> FeatureMoments:
+    """The moments of ``model.features`` over ``images`` (eval mode, in batches)."""
+    model.eval()
+    tensor = torch.as_tensor(images, dtype=torch.float32)
+    features = torch.cat([model.features(tensor[i : i + batch_size]) for i in range(0, len(tensor), batch_size)])
+    values = features.double().numpy()
+    return FeatureMoments(len(values), values.mean(axis=0), values.var(axis=0))

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.config import ScenarioError, builtin_scenarios, load_scenario
+from common.feature_shift import SMALL_EFFECT
 from common.provenance.log import HOSPITALS_DIR, PROVENANCE_DIR
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated causal learning for hospitals.")
@@ -188,11 +189,17 @@ def adapt(
     source_prevalence: float = typer.Option(0.5, "--source-prevalence", min=0.01, max=0.99,
                                             help="the federation's prevalence the model is calibrated to"),
     epochs: int = typer.Option(10, "--epochs", min=1),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="the federation's feature moments [default: feature-moments.json beside the model]"),
+    min_shift: float = typer.Option(SMALL_EFFECT, "--min-shift", min=0.0,
+                                    help="adapt only if the features moved at least this far (mean standardised difference)"),
+    always: bool = typer.Option(False, "--always", help="adapt without checking the shift"),
 ) -> None:
     """Adapt the global model to a new hospital's unlabeled images (head frozen)."""
+    import numpy as np
     import torch
 
-    from client.adapt import adapt_features
+    from client.adapt import onboard
     from client.models import model_for_state
     from client.task import evaluate
     from common.data import SiteData
@@ -200,18 +207,43 @@ def adapt(
     try:
         site = SiteData.load(site_file)
         state = torch.load(model_path)
+        moments = None if always else _adapt_reference(model_path, reference)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
     model = model_for_state(state, input_shape=site.train.input_shape)
-    images = __import__("numpy").concatenate([site.train.images, site.val.images, site.test.images])
+    images = np.concatenate([site.train.images, site.val.images, site.test.images])
     before = evaluate(model, site.test)["auroc"] if len(set(site.test.labels)) == 2 else None
-    result = adapt_features(model, images, source_prevalence=source_prevalence, epochs=epochs)
+    if moments is None and not always:
+        console.print("[yellow]no federation feature moments beside the model: adapting without the shift check[/yellow]")
+    try:
+        result = onboard(model, images, reference=moments, min_shift=min_shift,
+                         source_prevalence=source_prevalence, epochs=epochs)
+    except ValueError as error:  # e.g. moments of another model
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
     torch.save(model.state_dict(), out)
-    console.print(f"estimated prevalence {result.prevalence_estimate:.3f}; mean prediction entropy "
-                  f"{result.mean_entropy_before:.3f} -> {result.mean_entropy_after:.3f}; adapted model: {out}")
+    if result.shift is not None:
+        console.print(f"feature shift from the federation: {result.shift:.3f} (adapt at >= {min_shift:g})")
+    if not result.adapted:
+        console.print(f"left unchanged: the model sees these images as it saw the federation's; model copied to {out}")
+    else:
+        console.print(f"estimated prevalence {result.prevalence_estimate:.3f}; mean prediction entropy "
+                      f"{result.mean_entropy_before:.3f} -> {result.mean_entropy_after:.3f}; adapted model: {out}")
     if before is not None:  # labels, if the file has them, only score the result
         console.print(f"test AUROC (labels used for scoring only): {before:.3f} -> {evaluate(model, site.test)['auroc']:.3f}")
+
+
+def _adapt_reference(model_path: Path, explicit: Path | None):
+    """The federation's feature moments: the given file (which must exist) or the run's own."""
+    from common.feature_shift import FEATURE_MOMENTS_FILE, FeatureMoments
+
+    if explicit is not None:
+        if not explicit.is_file():
+            raise FileNotFoundError(f"feature moments not found: {explicit}")
+        return FeatureMoments.load(explicit)
+    beside = model_path.with_name(FEATURE_MOMENTS_FILE)
+    return FeatureMoments.load(beside) if beside.is_file() else None
 
 
 @cli.command()

@@ -21,6 +21,8 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 CHECKPOINT_KEY = "checkpoint"
+# Training hospitals add the global model's feature moments to their last evaluation reply.
+FEATURE_MOMENTS_KEY = "feature-moments"
 EVAL_SPLITS = ("val", "test")
 
 

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log as flwr_log
 
+from common.feature_shift import FEATURE_MOMENTS_FILE, standardised_shift
 from client.task import scenario_model
 from common.config import Scenario, load_scenario
 from common.files import atomic_write_text
@@ -135,10 +136,23 @@ def run_federation(
     )
     if model_path is not None:
         torch.save(result.arrays.to_torch_state_dict(), model_path)
+        _save_feature_moments(strategy, model_path.with_name(FEATURE_MOMENTS_FILE))
     if auditor is not None:
         end = auditor.end_run(rounds=len(history.rounds), final_arrays=result.arrays)
         deliver_checkpoint(grid, nodes, end, timeout_s=federation.round_timeout_s)
     return result.arrays
+
+
+def _save_feature_moments(strategy, path: Path) -> None:
+    """The reference `causalfed adapt` checks a new hospital against, next to the model.
+
+    Each hospital's own shift from the pool is kept too: how far apart the federation's
+    hospitals already were."""
+    if strategy.feature_moments is None:
+        return
+    shifts = {site: standardised_shift(part, strategy.feature_moments)
+              for site, part in sorted(strategy.feature_moments_sites.items())}
+    strategy.feature_moments.save(path, sites=shifts)
 
 
 def build_server_app(scenario: Scenario, history: RunHistory, **options) -> ServerApp:

@@ -23,12 +23,14 @@ from pathlib import Path
 from common.protocol import (
     BUDGET_SPENT_METRIC,
     CONFIG_KEY,
+    FEATURE_MOMENTS_KEY,
     FEDERATION_PREFIX,
     METRICS_KEY,
     REASON_KEY,
     STATISTICS_KEY,
     SiteProfile,
 )
+from common.feature_shift import FeatureMoments, pool_moments
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
 from server.resume import ServerState
@@ -74,6 +76,11 @@ class CausalFedAvg(FedAvg):
         self._sent: ArrayRecord | None = None  # the global model of this round: what updates must match
         self._evaluated: ArrayRecord | None = None  # the global model after this round
         self.state_path = state_path
+        self._accepted_sites: set[str] = set()  # whose update entered this round's aggregate
+        # The final model's feature moments over the accepted training hospitals (see
+        # common.feature_shift): what a new hospital compares itself against before adapting.
+        self.feature_moments: FeatureMoments | None = None
+        self.feature_moments_sites: dict[str, FeatureMoments] = {}
         # Flower numbers rounds from 1 on every start: a resumed run shifts them.
         self.round_offset = 0
         if resume_from is not None:
@@ -211,6 +218,7 @@ class CausalFedAvg(FedAvg):
             usable = self._apply_guard(server_round, usable)
         if usable:
             self.federation_stats = average_statistics(usable)
+        self._accepted_sites = {self._site(r) for r in usable}
         arrays, metrics = super().aggregate_train(server_round, usable) if usable else (None, None)
         if arrays is not None and self._sent is not None:
             arrays = restore_dtypes(arrays, model_spec(self._sent))
@@ -222,6 +230,7 @@ class CausalFedAvg(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         self._record_replies(server_round, replies)
+        self._pool_feature_moments(replies)
         self.history.close_round(server_round)
         if self.auditor is not None:
             checkpoint = self.auditor.close_round(server_round, self.history.rounds.get(server_round, {}))
@@ -229,6 +238,27 @@ class CausalFedAvg(FedAvg):
                 deliver_checkpoint(self._grid, sorted(self.profiles), checkpoint, timeout_s=self.timeout_s)
         self._save_state(server_round)  # last: the state only names rounds that are fully recorded
         return super().aggregate_evaluate(server_round, replies)
+
+    def _pool_feature_moments(self, replies: list[Message]) -> None:
+        """Pool the moments of hospitals whose update this round's aggregate accepted (a
+        flagged hospital does not get to describe the federation's images)."""
+        parts: dict[str, FeatureMoments] = {}
+        for reply in replies:
+            if reply.has_error() or FEATURE_MOMENTS_KEY not in reply.content.config_records:
+                continue
+            site = self._site(reply)
+            if site not in self._accepted_sites:
+                continue
+            try:
+                parts[site] = FeatureMoments.from_record(reply.content.config_records[FEATURE_MOMENTS_KEY])
+            except ValueError as error:
+                log(WARNING, "feature moments from %s ignored: %s", site, error)
+        sizes = [part.mean.size for part in parts.values()]
+        common = max(set(sizes), key=sizes.count) if sizes else None
+        parts = {site: part for site, part in parts.items() if part.mean.size == common}
+        if parts:
+            self.feature_moments_sites = parts
+            self.feature_moments = pool_moments(list(parts.values()))
 
 
 def average_statistics(replies: list[Message]) -> dict[str, np.ndarray]:

@@ -47,9 +47,23 @@ def test_cli_adapts_and_explains_bad_input(small_scenario, tmp_path):
 
     run_scenario(small_scenario, run_dir=tmp_path)
     build_site(small_scenario, 4).save(tmp_path / "new.npz")
-    result = CliRunner().invoke(cli, ["adapt", str(tmp_path / "model.pt"), str(tmp_path / "new.npz"),
-                                      "--out", str(tmp_path / "adapted.pt"), "--epochs", "1"])
+    build_site(small_scenario, 0).save(tmp_path / "known.npz")  # a federation hospital's own images
+
+    def adapt(site: str, *options: str):
+        arguments = ["adapt", str(tmp_path / "model.pt"), str(tmp_path / site), "--out", str(tmp_path / "adapted.pt")]
+        return CliRunner().invoke(cli, [*arguments, "--epochs", "1", *options])
+
+    result = adapt("new.npz")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "adapted.pt").is_file() and "test AUROC" in result.output
+    assert "feature shift from the federation" in result.output
+    known = adapt("known.npz")
+    assert known.exit_code == 0 and "left unchanged" in known.output, known.output
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(tmp_path / "model.pt").values(),
+                                                 torch.load(tmp_path / "adapted.pt").values()))
+    forced = adapt("known.npz", "--always")
+    assert forced.exit_code == 0 and "left unchanged" not in forced.output and "estimated prevalence" in forced.output
     missing = CliRunner().invoke(cli, ["adapt", str(tmp_path / "model.pt"), str(tmp_path / "none.npz"), "--out", "x.pt"])
     assert missing.exit_code == 2 and "not found" in missing.output
+    no_reference = adapt("new.npz", "--reference", str(tmp_path / "none.json"))
+    assert no_reference.exit_code == 2 and "feature moments not found" in no_reference.output

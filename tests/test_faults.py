@@ -11,6 +11,7 @@ from flwr.app import Array, Message, MetricRecord
 
 from client.app import build_client_app
 from client.sites import ScenarioSites
+from common.feature_shift import FEATURE_MOMENTS_FILE
 from common.protocol import ARRAYS_KEY, METRICS_KEY
 from common.provenance.verify import verify_log
 from server.app import run_federation
@@ -224,6 +225,7 @@ def test_privacy_spent_before_a_crash_is_not_forgotten(small_scenario, tmp_path)
     # Round 2 was trained twice (before and after the crash): both releases count, so
     # the budget planned for 3 rounds is spent before round 3 and the hospital stops.
     assert len(ledger) == 3
+    assert not (run_dir / FEATURE_MOMENTS_FILE).exists()  # released without noise, so never under DP-SGD
     assert "privacy budget spent" in resumed["rounds"][-1]["sites"]["hospital-A"]["training-stopped"]
 
 
@@ -253,3 +255,14 @@ def test_the_aggregate_keeps_the_global_models_dtypes():
     assert restored["w"].numpy().dtype == np.float32 and restored["count"].numpy().dtype == np.int64
     assert int(restored["count"].numpy()) == 6
     assert model_spec(restored) == model_spec(sent)
+
+
+def test_a_rejected_hospital_does_not_describe_the_federations_images(small_scenario, tmp_path):
+    scenario = small_scenario.with_overrides(federation={"num_rounds": 1})
+    sites = ScenarioSites(scenario.canonical_json())
+    recorder = Recorder(build_client_app(sites), sites, victim="hospital-B", tamper=_nan)
+    grid = LocalGrid(recorder, num_nodes=len(scenario.data.sites))
+    run_federation(grid, scenario, RunHistory(), model_path=tmp_path / "model.pt")
+    saved = json.loads((tmp_path / FEATURE_MOMENTS_FILE).read_text())
+    training = {site.name for site in scenario.data.sites if site.role == "train"}
+    assert set(saved["sites"]) == training - {"hospital-B"}
