@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,26 @@ def _provenance_section(run_dir: Path) -> str:
     )
 
 
+def _onboarding_section(run_dir: Path) -> str:
+    """What `causalfed adapt` will compare a new hospital against."""
+    from common.feature_shift import FEATURE_MOMENTS_FILE, SMALL_EFFECT
+
+    path = run_dir / FEATURE_MOMENTS_FILE
+    if not path.is_file():
+        return ("<h2>Onboarding a new hospital</h2><p>No feature moments in this run (none are released "
+                "under DP-SGD): <code>causalfed adapt</code> will adapt without checking the shift.</p>")
+    saved = json.loads(path.read_text())
+    rows = [[site, shift] for site, shift in saved.get("sites", {}).items()]
+    return (
+        f"<h2>Onboarding a new hospital</h2><p><code>{FEATURE_MOMENTS_FILE}</code> holds the final model's "
+        f"feature moments over {saved['count']} training images. <code>causalfed adapt "
+        f"{html.escape(str(run_dir))}/model.pt NEW.npz -o ADAPTED.pt</code> adapts the model to a new hospital's "
+        f"unlabeled images only if their features moved at least {SMALL_EFFECT} (mean standardised difference) "
+        "from these; the federation's own hospitals sit this far from their pool:</p>"
+        + _table(["hospital", "shift from the pool"], rows)
+    )
+
+
 def write_report(run_dir: Path, history: dict[str, Any], scenario: Scenario) -> Path:
     warmup = int(history["meta"].get("warmup-rounds", 0))
     selected = select_round(history, warmup_rounds=warmup)
@@ -219,9 +240,10 @@ the held-out hospital plays no part in either choice.</p>
 <img src="data:image/png;base64,{loss_png}" alt="training risk per round">
 {anomaly_html}
 {provenance_html}
+{_onboarding_section(run_dir)}
 {samples_html}
 <p>Files: <code>metrics.json</code> (every round, every hospital), <code>scenario.json</code>,
-<code>model.pt</code> (final global model), <code>flower.log</code>.</p>
+<code>model.pt</code> (final global model), <code>feature-moments.json</code>, <code>flower.log</code>.</p>
 </body></html>"""
     path = run_dir / "report.html"
     path.write_text(page)

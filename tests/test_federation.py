@@ -121,6 +121,7 @@ def test_simulate_command_with_flower_simulation_engine(tmp_path):
     assert len(metrics["rounds"]) == 2 and len(metrics["rounds"][-1]["sites"]) == 5
     report = (run_dir / "report.html").read_text()
     assert "hospital-X" in report and "o.o.d." in report and "data:image/png;base64" in report
+    assert (run_dir / "feature-moments.json").is_file() and "shift from the pool" in report
     assert "o.o.d." in result.stdout
     assert "provenance log: 4 records, verified" in result.stdout
     verify = [sys.executable, "-m", "common.cli", "log", "verify", str(run_dir)]
