@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from logging import WARNING
@@ -134,25 +135,29 @@ def run_federation(
         train_config=instructions,
         evaluate_config=ConfigRecord(dict(instructions)),
     )
+    moments_sha256 = None
     if model_path is not None:
         torch.save(result.arrays.to_torch_state_dict(), model_path)
-        _save_feature_moments(strategy, model_path.with_name(FEATURE_MOMENTS_FILE))
+        moments_sha256 = _save_feature_moments(strategy, model_path.with_name(FEATURE_MOMENTS_FILE))
     if auditor is not None:
-        end = auditor.end_run(rounds=len(history.rounds), final_arrays=result.arrays)
+        end = auditor.end_run(rounds=len(history.rounds), final_arrays=result.arrays,
+                              feature_moments_sha256=moments_sha256)
         deliver_checkpoint(grid, nodes, end, timeout_s=federation.round_timeout_s)
     return result.arrays
 
 
-def _save_feature_moments(strategy, path: Path) -> None:
-    """The reference `causalfed adapt` checks a new hospital against, next to the model.
+def _save_feature_moments(strategy, path: Path) -> str | None:
+    """The reference `causalfed adapt` checks a new hospital against, next to the model;
+    returns the file's SHA-256 for the provenance log.
 
     Each hospital's own shift from the pool is kept too: how far apart the federation's
     hospitals already were."""
     if strategy.feature_moments is None:
-        return
+        return None
     shifts = {site: standardised_shift(part, strategy.feature_moments)
               for site, part in sorted(strategy.feature_moments_sites.items())}
     strategy.feature_moments.save(path, sites=shifts)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_server_app(scenario: Scenario, history: RunHistory, **options) -> ServerApp:

@@ -123,5 +123,8 @@ class RoundAuditor:
         self.updates, self.verdicts, self.dp, self.aggregate = {}, {}, {}, None
         return self.log.append("round", body)
 
-    def end_run(self, *, rounds: int, final_arrays: ArrayRecord) -> Checkpoint:
-        return self.log.append("run-end", {"rounds": rounds, "final_model_sha256": final_arrays.object_id})
+    def end_run(self, *, rounds: int, final_arrays: ArrayRecord, feature_moments_sha256: str | None = None) -> Checkpoint:
+        body = {"rounds": rounds, "final_model_sha256": final_arrays.object_id}
+        if feature_moments_sha256 is not None:  # what `causalfed adapt` compares new hospitals against
+            body["feature_moments_sha256"] = feature_moments_sha256
+        return self.log.append("run-end", body)

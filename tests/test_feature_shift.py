@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -95,3 +96,7 @@ def test_a_federation_writes_its_training_hospitals_pooled_feature_moments(small
     assert saved["count"] == expected.count
     np.testing.assert_allclose(saved["mean"], expected.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(saved["variance"], expected.variance, rtol=1e-5, atol=1e-6)
+    # The signed log keeps the file's hash: a doctored reference can be told from the one written.
+    records = [json.loads(line) for line in (tmp_path / "provenance" / "log.jsonl").read_text().splitlines()]
+    (end,) = [r["body"] for r in records if r["kind"] == "run-end"]
+    assert end["feature_moments_sha256"] == hashlib.sha256((tmp_path / FEATURE_MOMENTS_FILE).read_bytes()).hexdigest()
