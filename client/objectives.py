@@ -161,7 +161,7 @@ class IRMv1(Objective):
     name = "irm"
     Params = IRMParams
     per_example_loss = False  # the penalty couples the examples of a batch
-    prior_offset: float = 0.0  # this hospital's logit shift; set by prepare()
+    prior_offset: float | None = None  # this hospital's logit shift; None until prepare() ran
 
     @property
     def warmup_rounds(self) -> int:
@@ -175,13 +175,14 @@ class IRMv1(Objective):
 
     def prepare(self, model, images, labels, strata):
         federation = self.federation.get("prevalence")
+        self.prior_offset = 0.0  # before the first broadcast there is no federation prior to shift to
         if federation is not None and 0.0 < float(federation[0]) < 1.0:
             self.prior_offset = prior_shift_offset(
                 local_positive=int(labels.sum()), local_total=len(labels), reference_prevalence=float(federation[0])
             )
 
     def logits(self, model, images, strata):
-        return super().logits(model, images, strata) + self.prior_offset
+        return super().logits(model, images, strata) + (self.prior_offset or 0.0)
 
     def loss(self, model, images, labels, strata=None):
         logits = self.logits(model, images, strata)
@@ -193,7 +194,7 @@ class IRMv1(Objective):
 
     def validation_loss(self, model, images, labels, strata=None):
         model.eval()
-        if "prior_offset" not in self.__dict__:  # evaluation without training: this split's prior
+        if self.prior_offset is None:  # evaluation without training: this split's prior
             self.prepare(model, images, labels, strata)
         logits = self.logits(model, images, strata)
         risk = F.binary_cross_entropy_with_logits(logits, labels)

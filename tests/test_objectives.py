@@ -95,7 +95,10 @@ def test_irm_judges_each_hospital_with_the_federation_classifier_shifted_to_its_
     assert objective.prior_offset == pytest.approx(expected)
     shifted = abs(irm_penalty(objective.logits(Fixed(), None, None), labels).item())
     assert irm_penalty(federation_logits, labels).item() > 10 * shifted  # unshifted, the prior looks like a flaw
-    assert build_objective("irm", {}, server_round=1).prior_offset == 0.0  # no federation prevalence yet
+    unbroadcast = build_objective("irm", {}, server_round=1)
+    assert unbroadcast.prior_offset is None  # not prepared yet
+    unbroadcast.prepare(Fixed(), None, labels, None)
+    assert unbroadcast.prior_offset == 0.0  # no federation prevalence yet: no shift
     stats = objective.statistics(Fixed(), None, labels)
     assert stats["prevalence"] == pytest.approx([positives / len(labels)])
 
