@@ -19,8 +19,10 @@ every client a p-value with an explanation:
   bias and so the loss, while flipped labels or a flipped update reverse the ranking.
 
 The p-values are combined per client (Bonferroni within detector families, then across
-them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Suspicion accumulates across rounds: a
-client flagged in enough of the recent rounds stays excluded until it behaves. Flagged
+them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Suspicion accumulates across rounds:
+each client's p-value is combined with its last rounds' (Fisher), a client flagged in
+enough of the recent rounds stays excluded until it behaves, and only plainly
+unsuspicious rounds enter a client's history. Flagged
 updates are excluded from the aggregate. Borderline ones are down-weighted.
 """
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import combine_pvalues, norm
 from scipy.stats import t as student_t
 
 DETECTORS: dict[str, type[Detector]] = {}
@@ -107,6 +109,7 @@ class ClientMemory:
     log_norm: float | None = None  # EWMA forecast of its update's log-norm
     alignment: float | None = None  # EWMA forecast of its cosine with the consensus
     recent_flags: deque = field(default_factory=lambda: deque(maxlen=3))
+    recent_p: deque = field(default_factory=lambda: deque(maxlen=3))  # combined p-values of its last rounds
     ranking_z: deque = field(default_factory=lambda: deque(maxlen=4))  # solo-ranking z of past rounds
     solo_change: float | None = None  # EWMA forecast of its model-alone AUROC change
 
@@ -291,6 +294,16 @@ class SoloRankingDetector(Detector):
         return Finding(p_values, reasons, {"z": z})
 
 
+def accumulate_over_rounds(current: float, past: list[float]) -> float:
+    """This round's p-value or Fisher's combination with the client's recent rounds,
+    whichever is smaller (x2 for taking the smaller): a sudden change still counts alone,
+    and steady moderate evidence (every round a little suspicious) adds up."""
+    if not past:
+        return current
+    fisher = combine_pvalues(np.clip([*past, current], 1e-300, 1.0), method="fisher").pvalue
+    return float(min(1.0, 2 * min(current, fisher)))
+
+
 def combine_by_family(p_values: dict[str, np.ndarray]) -> np.ndarray:
     """Per client, Bonferroni within each detector family, then across the families."""
     families: dict[str, list[np.ndarray]] = {}
@@ -354,22 +367,30 @@ class CausalGuard:
         """Verdicts for this round's clients, and the dependency graph's edges."""
         evidence = self.evidence(clients, sketches, loo_effects, solo_auroc_changes)
         findings = {name: DETECTORS[name]().inspect(evidence) for name in self.detectors}
-        combined = combine_by_family({name: f.p_values for name, f in findings.items()})
+        this_round = combine_by_family({name: f.p_values for name, f in findings.items()})
+        combined = np.array([accumulate_over_rounds(float(p), list(m.recent_p))
+                             for p, m in zip(this_round, evidence.memories)])
         rejected = benjamini_hochberg(combined, level=self.fdr)
         verdicts = []
         for i, client in enumerate(clients):
             memory = evidence.memories[i]
             memory.recent_flags.append(bool(rejected[i]))
+            memory.recent_p.append(float(this_round[i]))
             quarantined = sum(memory.recent_flags) >= self.quarantine_after
             flagged = bool(rejected[i]) or quarantined
             reasons = [f"{name}: {f.reasons[i]}" for name, f in findings.items()
                        if f.p_values[i] < self.evidence_level and f.reasons[i]]
             if quarantined and not rejected[i]:
                 reasons.append(f"flagged in {sum(memory.recent_flags)} of the last {len(memory.recent_flags)} rounds")
+            if combined[i] < this_round[i]:
+                reasons.append(f"evidence over its last {len(memory.recent_p)} rounds: p {combined[i]:.2g} "
+                               f"(this round alone {this_round[i]:.2g})")
             weight = 0.0 if flagged else (0.5 if combined[i] < self.downweight_below else 1.0)
             verdicts.append(Verdict(client, flagged, weight, float(combined[i]),
                                     {name: float(f.p_values[i]) for name, f in findings.items()}, reasons))
-            if not flagged:
+            # Only plainly unsuspicious rounds teach the forecasts: an attacker that slips
+            # through once must not become its own yardstick.
+            if weight == 1.0:
                 solo = None if evidence.solo_auroc_changes is None else float(evidence.solo_auroc_changes[i])
                 solo = solo if solo is not None and math.isfinite(solo) else None
                 memory.remember(evidence.residuals[i], float(evidence.log_norms[i]), float(evidence.alignments[i]),

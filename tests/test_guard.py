@@ -12,6 +12,7 @@ from server.guard import (
     DETECTORS,
     CausalGuard,
     DependenceDetector,
+    accumulate_over_rounds,
     benjamini_hochberg,
     combine_by_family,
     count_sketch,
@@ -88,6 +89,29 @@ def test_history_forgives_a_hospital_that_is_always_different():
     sketches[3] += 6 * rng.normal(size=512)  # a sudden change
     verdicts, _ = guard.judge(clients, sketches)
     assert verdicts[3].flagged and not verdicts[0].flagged
+
+
+def test_steady_moderate_evidence_adds_up_and_a_sudden_change_still_counts():
+    assert accumulate_over_rounds(0.003, []) == 0.003  # no past: this round alone
+    steady = accumulate_over_rounds(0.01, [0.01, 0.01, 0.01])
+    assert steady < 1e-4  # four rounds each at 0.01 are strong evidence together
+    sudden = accumulate_over_rounds(1e-6, [0.6, 0.8, 0.5])
+    assert sudden <= 2e-6  # a clean past does not dilute a sudden change (beyond x2)
+    assert accumulate_over_rounds(0.5, [0.4, 0.9, 0.7]) > 0.5  # nothing from nothing
+
+
+def test_a_suspicious_round_does_not_teach_the_clients_history():
+    rng = np.random.default_rng(5)
+    guard = CausalGuard()
+    clients = [f"h{i}" for i in range(10)]
+    guard.judge(clients, rng.normal(size=(10, 512)))
+    learned, honest = guard.memories["h0"].log_norm, guard.memories["h1"].log_norm
+    sketches = rng.normal(size=(10, 512))
+    sketches[0] *= 2.5  # suddenly much larger
+    verdicts, _ = guard.judge(clients, sketches)
+    assert verdicts[0].weight < 1.0
+    assert guard.memories["h0"].log_norm == learned  # the attack did not become its yardstick
+    assert verdicts[1].weight == 1.0 and guard.memories["h1"].log_norm != honest  # the others' histories move on
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
