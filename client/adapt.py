@@ -142,6 +142,7 @@ def onboard(
     shift = standardised_shift(feature_moments(model, images), reference)
     if shift < min_shift:
         entropy = float(binary_entropy(_probabilities(model, torch.as_tensor(images, dtype=torch.float32))).mean())
+        # No estimate is made; the federation's prevalence stands, as it does when EM fails.
         source = adapt_options.get("source_prevalence", 0.5)
         return AdaptationResult(source, 0, entropy, entropy, shift=shift, adapted=False)
     result = adapt_features(model, images, **adapt_options)

@@ -1,11 +1,12 @@
 """How far a hospital's images sit from the federation's, as the model's features see them.
 
-Pure maths (numpy): training hospitals report the first two moments of the global model's features over their
+Training hospitals report the first two moments of the global model's features over their
 training images at the last round; the server pools them into the run folder. A new
 hospital compares its own moments against them before `causalfed adapt`: where the model
 sees its images as it saw the federation's, there is no acquisition shift to undo, and
-adapting anyway only sharpens the model on noise (it cost up to 0.09 AUROC in the adapt
-benchmark under low-dose and blurred scanners that the model already handled).
+adapting anyway only sharpens the model on noise (it cost 0.09 AUROC in the adapt
+benchmark under a low-dose scanner that the model already handled). Numpy only; the
+moments themselves come from ``client.task.feature_moments``.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log as flwr_log
 
-from common.feature_shift import FEATURE_MOMENTS_FILE, standardised_shift
 from client.task import scenario_model
 from common.config import Scenario, load_scenario
+from common.feature_shift import FEATURE_MOMENTS_FILE, standardised_shift
 from common.files import atomic_write_text
 from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions, federation_prevalence
 from common.provenance.log import PROVENANCE_DIR, ProvenanceLog, load_or_create_key
