@@ -19,11 +19,12 @@ every client a p-value with an explanation:
   bias and so the loss, while flipped labels or a flipped update reverse the ranking.
 
 The p-values are combined per client (Bonferroni within detector families, then across
-them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Suspicion accumulates across rounds:
-each client's p-value is combined with its last rounds' (Fisher), a client flagged in
-enough of the recent rounds stays excluded until it behaves, and only plainly
-unsuspicious rounds enter a client's history. Flagged
-updates are excluded from the aggregate. Borderline ones are down-weighted.
+them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Suspicion
+accumulates across rounds: each client's p-value is combined with its last rounds'
+(Fisher's method, which treats rounds as independent), a client flagged in enough of the
+recent rounds stays excluded until it behaves, and only plainly unsuspicious rounds enter
+a client's history. Flagged updates are excluded from the aggregate. Borderline ones are
+down-weighted.
 """
 
 from __future__ import annotations
