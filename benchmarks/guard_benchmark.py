@@ -10,13 +10,15 @@ Reported per run:
 - TPR/FPR: per-round share of attackers / honest hospitals the guard flags (the guard
   only; the other rules give no verdicts);
 - rounds to detection: the first round each attacker is flagged, averaged;
-- clean AUROC: mean test AUROC of the honest hospitals at the final round;
+- clean AUROC: mean test AUROC of the honest hospitals at the final round, and its gap
+  to attack-free FedAvg's mean over the same hospitals (FedAvg's attack-free run is always
+  made, as the reference);
 - backdoor success: the share of honest hospitals' positive test cases, stamped with the
   trigger, that the final model calls negative (the benign FedAvg model's rate is printed
   for reference).
 Plus the guard's false-positive rate with no attacker at all.
 
-    python benchmarks/guard_benchmark.py [--rounds 8] [--rules guard fedavg ...] [--attacks ...]
+    python benchmarks/guard_benchmark.py [--rounds 8] [--rules guard fedavg ...] [--attacks ...] [--seed 0]
 
 Targets: TPR >= 97%, FPR <= 2%, clean AUROC within 0.01 of attack-free FedAvg, backdoor
 success <= 3%.
@@ -89,7 +91,7 @@ def backdoor_success(scenario: Scenario, run_dir: Path, honest: list[int]) -> fl
 
 
 FAILED = {"auroc": float("nan"), "backdoor": float("nan"), "tpr": float("nan"), "fpr": float("nan"),
-          "rounds-to-detection": float("nan")}
+          "rounds-to-detection": float("nan"), "site-auroc": {}}
 
 
 def run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) -> dict[str, float]:
@@ -110,8 +112,15 @@ def _run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) ->
         history = run_scenario(scenario, run_dir=run_dir)
         last = history["rounds"][-1]["sites"]
         honest = [i for i, n in enumerate(names) if n not in attackers]
-        clean = float(np.mean([last[names[i]]["test-auroc"] for i in honest]))
-        return {"auroc": clean, "backdoor": backdoor_success(scenario, run_dir, honest), **detection(run_dir, attackers)}
+        site_auroc = {names[i]: float(last[names[i]]["test-auroc"]) for i in honest}
+        return {"auroc": float(np.mean(list(site_auroc.values()))), "site-auroc": site_auroc,
+                "backdoor": backdoor_success(scenario, run_dir, honest), **detection(run_dir, attackers)}
+
+
+def auroc_gap(reference: dict[str, float], result: dict) -> float:
+    """Attack-free FedAvg's mean test AUROC over this run's honest hospitals, minus this run's."""
+    sites = result["site-auroc"]
+    return float(np.mean([reference[s] for s in sites]) - result["auroc"]) if sites else float("nan")
 
 
 def main() -> None:
@@ -121,21 +130,25 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=sorted(ATTACKS))
     parser.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
     parser.add_argument("--fdr", type=float, default=None, help="the guard's false-discovery rate (default: the scenario's)")
+    parser.add_argument("--seed", type=int, default=None, help="the scenario's seed: other hospitals' data and start")
     args = parser.parse_args()
     base = load_scenario("guard").with_overrides(federation={"num_rounds": args.rounds})
+    if args.seed is not None:
+        base = base.with_overrides(seed=args.seed)
     if args.fdr is not None:
         guard = base.federation.guard.model_dump() | {"fdr": args.fdr}
         base = base.with_overrides(federation={"guard": guard})
     names = [s.name for s in base.data.sites if s.role == "train"]
-    print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'backdoor':>9}{'secs':>6}")
+    print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'gap':>7}{'backdoor':>9}"
+          f"{'secs':>6}")
     reference = {}
-    for rule in args.rules:
+    for rule in dict.fromkeys(["fedavg", *args.rules]):  # attack-free FedAvg is every row's reference
         started = time.monotonic()
         benign = run(base, rule, None, [])
         reference[rule] = benign
-        print(f"{rule:<13}{'(none)':<16}{0:>4}{'':>7}{benign['fpr']:>7.3f}{'':>8}{benign['auroc']:>7.3f}"
+        print(f"{rule:<13}{'(none)':<16}{0:>4}{'':>7}{benign['fpr']:>7.3f}{'':>8}{benign['auroc']:>7.3f}{'':>7}"
               f"{benign['backdoor']:>9.3f}{time.monotonic() - started:>6.0f}", flush=True)
-    clean_fedavg = reference.get("fedavg", {}).get("auroc", float("nan"))
+    clean_fedavg = reference["fedavg"]["auroc"]
     summary: dict[str, dict[str, list[float]]] = {}
     for attack in args.attacks:
         for fraction in args.fractions:
@@ -147,15 +160,17 @@ def main() -> None:
                 row = summary.setdefault(rule, {"tpr": [], "fpr": [], "auroc-gap": [], "backdoor": []})
                 row["tpr"].append(result["tpr"])
                 row["fpr"].append(result["fpr"])
-                if not np.isnan(result["auroc"]):
-                    row["auroc-gap"].append(clean_fedavg - result["auroc"])
+                gap = auroc_gap(reference["fedavg"]["site-auroc"], result)
+                if not np.isnan(gap):
+                    row["auroc-gap"].append(gap)
                 if attack == "backdoor" and not np.isnan(result["backdoor"]):
                     row["backdoor"].append(result["backdoor"])
                 print(f"{rule:<13}{attack:<16}{count:>4}{result['tpr']:>7.3f}{result['fpr']:>7.3f}"
-                      f"{result['rounds-to-detection']:>8.1f}{result['auroc']:>7.3f}{result['backdoor']:>9.3f}"
+                      f"{result['rounds-to-detection']:>8.1f}{result['auroc']:>7.3f}{gap:>7.3f}{result['backdoor']:>9.3f}"
                       f"{time.monotonic() - started:>6.0f}", flush=True)
     print()
-    print(f"summary over every attack and fraction; attack-free FedAvg AUROC {clean_fedavg:.3f}")
+    print(f"summary over every attack and fraction; attack-free FedAvg AUROC {clean_fedavg:.3f} (all hospitals), "
+          f"backdoor rate {reference['fedavg']['backdoor']:.3f}; gaps are over each run's honest hospitals")
     print(f"{'rule':<13}{'mean TPR':>9}{'min TPR':>9}{'mean FPR':>9}{'benign FPR':>11}{'worst AUROC gap':>16}{'max backdoor':>13}")
     for rule, row in summary.items():
         tpr = [v for v in row["tpr"] if not np.isnan(v)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 
 from common.data import Split
 from common.files import atomic_write_text
@@ -35,6 +35,20 @@ def unflatten(vector: np.ndarray, names: list[str], shapes: list[tuple[int, ...]
         arrays[name] = vector[offset : offset + size].reshape(shape)
         offset += size
     return arrays
+
+
+def as_record(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
+    """A flat vector back into a record shaped (names, shapes, dtypes) like ``like``."""
+    names = list(like)
+    arrays = unflatten(vector, names, [tuple(like[name].shape) for name in names])
+    return ArrayRecord({name: Array(arrays[name].astype(like[name].numpy().dtype)) for name in names})
+
+
+def bounded_update(vector: np.ndarray, start: np.ndarray, *, max_norm: float) -> np.ndarray:
+    """The model ``vector`` with its update (``vector - start``) shrunk to at most ``max_norm``."""
+    delta = vector - start
+    norm = float(np.linalg.norm(delta))
+    return vector if norm <= max_norm else start + delta * (max_norm / norm)
 
 
 @dataclass
@@ -97,12 +111,13 @@ def guard_replies(
     start = flatten(global_arrays, names)
     vectors = np.stack([flatten(r.content.array_records[ARRAYS_KEY], names) for r in replies])
     sketches = np.stack([guard.sketch(v - start) for v in vectors])
+    samples = np.stack([guard.sample(v - start) for v in vectors])
     weights = np.array([float(r.content.metric_records[METRICS_KEY]["num-examples"]) for r in replies])
     effects, alone, base = (None, None, None)
     if probe is not None:
         effects, base = leave_one_out_effects(vectors, weights, probe, names, shapes)
         alone = solo_auroc_changes(vectors, start, probe, names, shapes)
-    verdicts, graph = guard.judge(sites, sketches, effects, alone)
+    verdicts, graph = guard.judge(sites, sketches, effects, alone, samples)
     graph["validation_loss"] = base
     return verdicts, graph
 
@@ -114,6 +129,7 @@ def write_anomaly_report(folder: Path, server_round: int, verdicts: list[Verdict
         "flagged": [v.client for v in verdicts if v.flagged],
         "verdicts": [v.as_dict() for v in verdicts],
         "edges": [{"a": a, "b": b, "partial_correlation": w} for a, b, w in graph.get("edges", [])],
+        "set_aside": graph.get("set_aside", []),  # judged first, then left out of the others' yardsticks
         "validation_loss": graph.get("validation_loss"),
     }
     atomic_write_text(path, json.dumps(body, indent=1))

@@ -21,6 +21,7 @@ from flwr.supercore import log
 from pathlib import Path
 
 from common.protocol import (
+    ARRAYS_KEY,
     BUDGET_SPENT_METRIC,
     CONFIG_KEY,
     FEATURE_MOMENTS_KEY,
@@ -34,8 +35,16 @@ from common.feature_shift import FeatureMoments, pool_moments
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
 from server.resume import ServerState
-from server.guard import CausalGuard
-from server.guard_round import ValidationProbe, guard_replies, write_anomaly_report
+from server.detectors import ClientMemory
+from server.guard import CausalGuard, Verdict
+from server.guard_round import (
+    ValidationProbe,
+    as_record,
+    bounded_update,
+    flatten,
+    guard_replies,
+    write_anomaly_report,
+)
 from server.screening import model_spec, restore_dtypes, update_problem
 
 
@@ -93,6 +102,8 @@ class CausalFedAvg(FedAvg):
         if state.sampler_state is not None:
             self._sampler.setstate(state.sampler_state)
         self.federation_stats = dict(state.federation_statistics)
+        if self.guard is not None:
+            self.guard.memories = {c: ClientMemory.from_dict(m) for c, m in state.guard_memories.items()}
 
     def _save_state(self, server_round: int) -> None:
         if self.state_path is None or self._evaluated is None:
@@ -100,7 +111,9 @@ class CausalFedAvg(FedAvg):
         training = {self.profiles[n].site for n in self.train_nodes}
         retired = sorted(p.site for p in self.profiles.values() if p.role == "train" and p.site not in training)
         arrays = ServerState.numpy_arrays(self._evaluated)
-        ServerState(server_round, arrays, retired, self._sampler.getstate(), self.federation_stats).save(self.state_path)
+        memories = {} if self.guard is None else {c: m.as_dict() for c, m in self.guard.memories.items()}
+        ServerState(server_round, arrays, retired, self._sampler.getstate(), self.federation_stats,
+                    memories).save(self.state_path)
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -188,6 +201,7 @@ class CausalFedAvg(FedAvg):
         if self.report_dir is not None:
             write_anomaly_report(self.report_dir, server_round, verdicts, graph)
         kept = []
+        typical_norm = self._median_update_norm(replies)
         for reply, verdict in zip(replies, verdicts):
             summary = {"guard-flagged": float(verdict.flagged), "guard-confidence": 1 - verdict.combined_p}
             self.history.record(server_round, verdict.client, summary)
@@ -197,12 +211,28 @@ class CausalFedAvg(FedAvg):
                     self.auditor.note_verdict(verdict.client, "rejected: guard: " + "; ".join(verdict.reasons))
                 continue
             if verdict.weight < 1.0:
-                metrics = reply.content.metric_records[METRICS_KEY]
-                metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * verdict.weight))
-                if self.auditor is not None:
-                    self.auditor.note_verdict(verdict.client, f"down-weighted x{verdict.weight:g}")
+                self._down_weight(reply, verdict, max_norm=typical_norm)
             kept.append(reply)
         return kept
+
+    def _down_weight(self, reply: Message, verdict: Verdict, *, max_norm: float) -> None:
+        """A borderline update counts for ``verdict.weight`` of its examples, and its size is
+        bounded by the round's typical update: a boosted (model-replacement) update at half
+        weight would still dominate the aggregate."""
+        metrics = reply.content.metric_records[METRICS_KEY]
+        metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * verdict.weight))
+        names = list(self._sent)
+        vector = flatten(reply.content.array_records[ARRAYS_KEY], names)
+        bounded = bounded_update(vector, flatten(self._sent, names), max_norm=max_norm)
+        reply.content.array_records[ARRAYS_KEY] = as_record(bounded, self._sent)
+        if self.auditor is not None:
+            self.auditor.note_verdict(verdict.client, f"down-weighted x{verdict.weight:g}, norm at most the round's median")
+
+    def _median_update_norm(self, replies: list[Message]) -> float:
+        names = list(self._sent)
+        start = flatten(self._sent, names)
+        return float(np.median([np.linalg.norm(flatten(r.content.array_records[ARRAYS_KEY], names) - start)
+                                for r in replies]))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -8,6 +8,7 @@ attacker trains on. Attackers never send identical vectors: each adds its own ji
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -18,7 +19,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from common.data import SiteData, Split
 from common.protocol import ARRAYS_KEY
-from server.guard_round import flatten, unflatten
+from server.guard_round import as_record, flatten
 from simulations.local_grid import LocalGrid
 
 ATTACKS: dict[str, type[Attack]] = {}
@@ -179,19 +180,12 @@ class Collusion(Attack):
         return 2 * norm * direction / np.linalg.norm(direction)
 
 
-def unflat(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
-    names = list(like)
-    shapes = [tuple(like[name].shape) for name in names]
-    arrays = unflatten(vector, names, shapes)
-    return ArrayRecord({name: Array(arrays[name].astype(like[name].numpy().dtype)) for name in names})
-
-
 class AttackingGrid(LocalGrid):
     """An in-process grid in which some hospitals are attackers."""
 
     def __init__(self, client_app, *, num_nodes: int, attack: Attack, malicious: set[int], seed: int = 0) -> None:
         super().__init__(client_app, num_nodes=num_nodes)
-        self.attack, self.rng = attack, np.random.default_rng(seed)
+        self.attack, self.seed = attack, seed
         node_ids = list(self._contexts)
         self.malicious_nodes = {node_ids[p] for p in malicious}
 
@@ -206,12 +200,14 @@ class AttackingGrid(LocalGrid):
             return ids
         sent = messages[0].content.array_records[ARRAYS_KEY]
         start = flatten(sent)
+        # Randomness drawn from the round's global model: a resumed run replays the attack.
+        rng = np.random.default_rng([self.seed, int.from_bytes(hashlib.sha256(start.tobytes()).digest()[:8], "little")])
         honest_deltas = np.stack([flatten(self._replies[i].content.array_records[ARRAYS_KEY]) - start for _, i in honest])
         for index, (_, message_id) in enumerate(attackers):
             reply = self._replies[message_id]
             view = RoundView(start, honest_deltas, flatten(reply.content.array_records[ARRAYS_KEY]) - start,
-                             index, len(attackers), len(trains), self.rng)
-            reply.content.array_records[ARRAYS_KEY] = unflat(start + self.attack.send(view), sent)
+                             index, len(attackers), len(trains), rng)
+            reply.content.array_records[ARRAYS_KEY] = as_record(start + self.attack.send(view), sent)
         return ids
 
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from common.config import ScenarioError, load_scenario, parse_scenario
-from server.guard import (
-    DETECTORS,
-    CausalGuard,
-    DependenceDetector,
+from server.detectors import DETECTORS, CraftedDetector, DependenceDetector, combine_by_family
+from server.guard import CausalGuard
+from server.guard_stats import (
     accumulate_over_rounds,
     benjamini_hochberg,
-    combine_by_family,
     count_sketch,
     partial_correlations,
     robust_z,
+    spread_regularity,
+    spread_units,
     stouffer,
 )
 from simulations.attacks import ATTACKS, RoundView
@@ -194,7 +194,9 @@ def test_solo_ranking_blames_harm_not_difference():
     flagged, p_always_worse = [], []
     for _ in range(5):
         changes = rng.normal(0.02, 0.03, 10)
-        changes[4] = -0.05  # always somewhat worse: another prevalence, other shortcuts
+        # Always somewhat worse (another prevalence, other shortcuts), though not suspicious
+        # in its first round: a first forecast comes only from a plainly unsuspicious round.
+        changes[4] = -0.035
         changes[7] = -0.20  # reverses the ranking: flipped labels
         verdicts, _ = guard.judge(clients, rng.normal(size=(10, 64)), None, changes)
         flagged.append([v.client for v in verdicts if v.flagged])
@@ -204,7 +206,56 @@ def test_solo_ranking_blames_harm_not_difference():
     assert stouffer([3.0, 3.0, 3.0, 3.0]) == pytest.approx(6.0)
 
 
+def _non_iid_updates(rng, n=9, p=3000):
+    """Honest hospitals: a shared direction plus each one's own, of its own size."""
+    shared = rng.normal(size=p)
+    return shared + rng.normal(size=(n, p)) * np.linspace(0.5, 2.0, n)[:, None]
+
+
+@pytest.mark.parametrize("name", ["alie", "min-max"])
+def test_updates_built_from_the_others_statistics_are_too_regular(name):
+    rng = np.random.default_rng(6)
+    honest = _non_iid_updates(rng)
+    view = RoundView(np.zeros(honest.shape[1]), honest, honest[0], 0, 1, 10, rng)
+    updates = np.vstack([honest, ATTACKS[name]().send(view)])
+    units = [spread_units(updates, i) for i in range(10)]
+    regularity = [spread_regularity(u) for u in units]
+    assert max(regularity[:9]) < CraftedDetector.min_regularity < regularity[9]
+    verdicts, _ = CausalGuard().judge([f"h{i}" for i in range(10)], updates[:, :512], samples=updates)
+    assert [v.client for v in verdicts if v.flagged] == ["h9"]
+    assert verdicts[9].p_values["crafted"] < 1e-6 and "standard deviations" in " ".join(verdicts[9].reasons)
+
+
+def test_a_client_with_overwhelming_evidence_no_longer_shapes_the_others_yardsticks():
+    rng = np.random.default_rng(7)
+    sketches = rng.normal(size=(10, 512))
+    sketches[9] = 40 * rng.normal(size=512)  # a huge update: overwhelming evidence
+    clients = [f"h{i}" for i in range(10)]
+    found = CausalGuard().assess(clients, sketches)
+    assert found.set_aside == ["h9"]
+    without = CausalGuard().assess(clients[:9], sketches[:9])
+    np.testing.assert_allclose(found.this_round[:9], without.this_round)  # judged as if h9 had not come
+    assert without.set_aside == []
+
+
 def test_detectors_asking_the_same_question_share_one_bonferroni_share():
     p = {"forecast": np.array([0.01, 1.0]), "intervention": np.array([1.0, 0.004]), "solo-ranking": np.array([0.5, 0.02])}
     combined = combine_by_family(p)  # two families: forecast, and the two interventions
     assert combined.tolist() == pytest.approx([0.02, 0.016])
+
+
+def test_a_resumed_run_remembers_who_was_suspect(guarded, tmp_path):
+    """The guard's memories travel in the server state: after a crash, round 3 is judged
+    exactly as in a run that never stopped (same forecasts, same accumulated evidence)."""
+    scenario = _attacked(guarded, "gaussian")
+    run_scenario(scenario, run_dir=tmp_path / "straight")
+
+    def crash_after_round_2(done, _sites):
+        if done == 2:
+            raise RuntimeError("server killed")
+
+    with pytest.raises(RuntimeError, match="server killed"):
+        run_scenario(scenario, run_dir=tmp_path / "crashed", on_round=crash_after_round_2)
+    run_scenario(scenario, run_dir=tmp_path / "crashed", resume=True)
+    straight, resumed = _reports(tmp_path / "straight")[-1], _reports(tmp_path / "crashed")[-1]
+    assert resumed["round"] == 3 and resumed["verdicts"] == straight["verdicts"]

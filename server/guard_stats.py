@@ -1,0 +1,130 @@
+"""The guard's maths: small pure functions over sketches, samples and p-values (numpy/scipy).
+
+Everything here is linear in the number of parameters or works on fixed-size sketches, so
+the guard's cost per round stays linear in the model's size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import combine_pvalues
+from scipy.stats import t as student_t
+
+SKETCH_SIZE = 512
+SAMPLE_SIZE = 4096
+HEAVY_TAIL_DF = 5  # robust z-scores of a few clients are heavy-tailed: Student-t, not normal
+
+
+def count_sketch(vector: np.ndarray, *, size: int = SKETCH_SIZE, seed: int = 0) -> np.ndarray:
+    """CountSketch of a flat vector: every coordinate goes to one bucket with a random sign.
+
+    Linear in the vector's length, and inner products are preserved in expectation.
+    """
+    rng = np.random.default_rng(seed)
+    buckets = rng.integers(0, size, len(vector))
+    signs = rng.choice(np.array([-1.0, 1.0]), len(vector))
+    return np.bincount(buckets, weights=signs * vector, minlength=size)
+
+
+def coordinate_sample(vector: np.ndarray, *, size: int = SAMPLE_SIZE, seed: int = 0) -> np.ndarray:
+    """The same ``size`` randomly chosen coordinates of every vector of this length.
+
+    A CountSketch mixes coordinates; some questions (is the update built coordinate by
+    coordinate from the others' statistics?) need coordinates kept apart.
+    """
+    if len(vector) <= size:
+        return vector.copy()
+    chosen = np.sort(np.random.default_rng(seed).choice(len(vector), size, replace=False))
+    return vector[chosen]
+
+
+def robust_spread(values: np.ndarray) -> float:
+    """1.4826 * MAD: the standard deviation for normal data, ignoring up to half outliers."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 * MAD): stays honest with up to half the clients lying."""
+    median = np.median(values)
+    return (values - median) / max(robust_spread(values), 1e-12 + 1e-6 * abs(median))
+
+
+def upper_p(z: np.ndarray) -> np.ndarray:
+    return student_t.sf(z, HEAVY_TAIL_DF)
+
+
+def benjamini_hochberg(p_values: np.ndarray, *, level: float) -> np.ndarray:
+    """Which hypotheses BH rejects at false-discovery rate ``level``."""
+    n = len(p_values)
+    order = np.argsort(p_values)
+    thresholds = level * (np.arange(1, n + 1) / n)
+    passed = p_values[order] <= thresholds
+    rejected = np.zeros(n, dtype=bool)
+    if passed.any():
+        rejected[order[: np.max(np.flatnonzero(passed)) + 1]] = True
+    return rejected
+
+
+def partial_correlations(innovations: np.ndarray, *, shrinkage: float = 0.1) -> np.ndarray:
+    """Partial correlations between rows (clients), from a shrunk correlation matrix."""
+    correlation = np.corrcoef(innovations)
+    correlation = np.nan_to_num(correlation)
+    shrunk = (1 - shrinkage) * correlation + shrinkage * np.eye(len(correlation))
+    precision = np.linalg.inv(shrunk)
+    scale = np.sqrt(np.outer(np.diag(precision), np.diag(precision)))
+    partial = -precision / scale
+    np.fill_diagonal(partial, 1.0)
+    return partial
+
+
+def consensus_alignment(sketches: np.ndarray) -> np.ndarray:
+    """Cosine of each client's sketch with the coordinate-wise median of the others'."""
+    out = np.empty(len(sketches))
+    for i in range(len(sketches)):
+        others = np.median(np.delete(sketches, i, axis=0), axis=0)
+        out[i] = sketches[i] @ others / (np.linalg.norm(sketches[i]) * np.linalg.norm(others) + 1e-12)
+    return out
+
+
+def spread_units(samples: np.ndarray, index: int) -> np.ndarray:
+    """One client's departure from the others' mean, coordinate by coordinate, in units of
+    the others' standard deviation there.
+
+    Only the coordinates where the others disagree most (spread above its median) count:
+    where they hardly disagree, any jitter looks like many standard deviations.
+    """
+    others = np.delete(samples, index, axis=0)
+    mean, spread = others.mean(axis=0), others.std(axis=0)
+    informative = spread > np.median(spread)
+    return (samples[index, informative] - mean[informative]) / spread[informative]
+
+
+def spread_regularity(units: np.ndarray) -> float:
+    """|median| / robust spread of a departure in spread units.
+
+    An update made of the others' statistics (ALIE: mean - z*std; Min-Max: mean - g*std)
+    departs by the same number of standard deviations at every coordinate: a large ratio
+    (about 25 in the benchmark). An honest hospital departs by varying amounts, in both
+    directions (at most 2.3 in the benchmark).
+    """
+    if len(units) == 0:
+        return 0.0
+    centre = float(np.median(units))
+    return abs(centre) / max(robust_spread(units), 1e-12)
+
+
+def stouffer(z_scores: list[float]) -> float:
+    """One z-score from several independent ones: their sum over the square root of their count."""
+    return float(np.sum(z_scores) / math.sqrt(len(z_scores)))
+
+
+def accumulate_over_rounds(current: float, past: list[float]) -> float:
+    """This round's p-value or Fisher's combination with the client's recent rounds,
+    whichever is smaller (x2 for taking the smaller): a sudden change still counts alone,
+    and steady moderate evidence (every round a little suspicious) adds up."""
+    if not past:
+        return current
+    fisher = combine_pvalues(np.clip([*past, current], 1e-300, 1.0), method="fisher").pvalue
+    return float(min(1.0, 2 * min(current, fisher)))
