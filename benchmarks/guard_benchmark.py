@@ -12,7 +12,8 @@ Reported per run:
 - rounds to detection: the first round each attacker is flagged, averaged;
 - clean AUROC: mean test AUROC of the honest hospitals at the final round, and its gap
   to attack-free FedAvg's mean over the same hospitals (FedAvg's attack-free run is always
-  made, as the reference);
+  made, as the reference). "oracle" is the gap to FedAvg trained without the attackers'
+  hospitals at all (they only evaluate): the best any defence that excludes them can do;
 - backdoor success: the share of honest hospitals' positive test cases, stamped with the
   trigger, that the final model calls negative (the benign FedAvg model's rate is printed
   for reference).
@@ -117,6 +118,15 @@ def _run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) ->
                 "backdoor": backdoor_success(scenario, run_dir, honest), **detection(run_dir, attackers)}
 
 
+def without_attackers(base: Scenario, attackers: list[str]) -> Scenario:
+    """The oracle's federation: the attackers' hospitals only evaluate (same data, same indices)."""
+    raw = base.model_dump(mode="json")
+    for site in raw["data"]["sites"]:
+        if site["name"] in attackers:
+            site["role"] = "heldout"
+    return configure(Scenario.model_validate(raw), "fedavg", None, [])
+
+
 def auroc_gap(reference: dict[str, float], result: dict) -> float:
     """Attack-free FedAvg's mean test AUROC over this run's honest hospitals, minus this run's."""
     sites = result["site-auroc"]
@@ -139,44 +149,52 @@ def main() -> None:
         guard = base.federation.guard.model_dump() | {"fdr": args.fdr}
         base = base.with_overrides(federation={"guard": guard})
     names = [s.name for s in base.data.sites if s.role == "train"]
-    print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'gap':>7}{'backdoor':>9}"
-          f"{'secs':>6}")
+    print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'gap':>7}{'oracle':>7}"
+          f"{'backdoor':>9}{'secs':>6}")
     reference = {}
     for rule in dict.fromkeys(["fedavg", *args.rules]):  # attack-free FedAvg is every row's reference
         started = time.monotonic()
         benign = run(base, rule, None, [])
         reference[rule] = benign
-        print(f"{rule:<13}{'(none)':<16}{0:>4}{'':>7}{benign['fpr']:>7.3f}{'':>8}{benign['auroc']:>7.3f}{'':>7}"
+        print(f"{rule:<13}{'(none)':<16}{0:>4}{'':>7}{benign['fpr']:>7.3f}{'':>8}{benign['auroc']:>7.3f}{'':>14}"
               f"{benign['backdoor']:>9.3f}{time.monotonic() - started:>6.0f}", flush=True)
+    oracles: dict[tuple[str, ...], dict[str, float]] = {}
     clean_fedavg = reference["fedavg"]["auroc"]
     summary: dict[str, dict[str, list[float]]] = {}
     for attack in args.attacks:
         for fraction in args.fractions:
             count = max(round(fraction * len(names)), 2 if attack == "colluding-pair" else 1)
             attackers = names[1 : 1 + count] if count < len(names) else names
+            if tuple(attackers) not in oracles:
+                oracles[tuple(attackers)] = _run(without_attackers(base, attackers), "fedavg", None, [])["site-auroc"]
             for rule in args.rules:
                 started = time.monotonic()
                 result = run(base, rule, attack, attackers)
-                row = summary.setdefault(rule, {"tpr": [], "fpr": [], "auroc-gap": [], "backdoor": []})
+                row = summary.setdefault(rule, {"tpr": [], "fpr": [], "auroc-gap": [], "oracle-gap": [], "backdoor": []})
                 row["tpr"].append(result["tpr"])
                 row["fpr"].append(result["fpr"])
                 gap = auroc_gap(reference["fedavg"]["site-auroc"], result)
+                oracle_gap = auroc_gap(oracles[tuple(attackers)], result)
                 if not np.isnan(gap):
                     row["auroc-gap"].append(gap)
+                    row["oracle-gap"].append(oracle_gap)
                 if attack == "backdoor" and not np.isnan(result["backdoor"]):
                     row["backdoor"].append(result["backdoor"])
                 print(f"{rule:<13}{attack:<16}{count:>4}{result['tpr']:>7.3f}{result['fpr']:>7.3f}"
-                      f"{result['rounds-to-detection']:>8.1f}{result['auroc']:>7.3f}{gap:>7.3f}{result['backdoor']:>9.3f}"
+                      f"{result['rounds-to-detection']:>8.1f}{result['auroc']:>7.3f}{gap:>7.3f}{oracle_gap:>7.3f}"
+                      f"{result['backdoor']:>9.3f}"
                       f"{time.monotonic() - started:>6.0f}", flush=True)
     print()
     print(f"summary over every attack and fraction; attack-free FedAvg AUROC {clean_fedavg:.3f} (all hospitals), "
           f"backdoor rate {reference['fedavg']['backdoor']:.3f}; gaps are over each run's honest hospitals")
-    print(f"{'rule':<13}{'mean TPR':>9}{'min TPR':>9}{'mean FPR':>9}{'benign FPR':>11}{'worst AUROC gap':>16}{'max backdoor':>13}")
+    print(f"{'rule':<13}{'mean TPR':>9}{'min TPR':>9}{'mean FPR':>9}{'benign FPR':>11}{'worst AUROC gap':>16}"
+          f"{'worst oracle gap':>17}{'max backdoor':>13}")
     for rule, row in summary.items():
         tpr = [v for v in row["tpr"] if not np.isnan(v)]
         print(f"{rule:<13}{(np.mean(tpr) if tpr else float('nan')):>9.3f}{(min(tpr) if tpr else float('nan')):>9.3f}"
               f"{np.nanmean(row['fpr']) if tpr else float('nan'):>9.3f}{reference[rule]['fpr']:>11.3f}"
               f"{(max(row['auroc-gap']) if row['auroc-gap'] else float('nan')):>16.3f}"
+              f"{(max(row['oracle-gap']) if row['oracle-gap'] else float('nan')):>17.3f}"
               f"{(max(row['backdoor']) if row['backdoor'] else float('nan')):>13.3f}")
 
 

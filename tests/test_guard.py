@@ -10,6 +10,7 @@ import pytest
 from common.config import ScenarioError, load_scenario, parse_scenario
 from server.detectors import DETECTORS, CraftedDetector, DependenceDetector, combine_by_family
 from server.guard import CausalGuard
+from server.guard_round import bounded_update
 from server.guard_stats import (
     accumulate_over_rounds,
     benjamini_hochberg,
@@ -259,3 +260,49 @@ def test_a_resumed_run_remembers_who_was_suspect(guarded, tmp_path):
     run_scenario(scenario, run_dir=tmp_path / "crashed", resume=True)
     straight, resumed = _reports(tmp_path / "straight")[-1], _reports(tmp_path / "crashed")[-1]
     assert resumed["round"] == 3 and resumed["verdicts"] == straight["verdicts"]
+
+
+def test_a_borderline_update_is_shrunk_to_a_typical_size():
+    start = np.zeros(4)
+    boosted = np.array([3.0, 4.0, 0.0, 0.0])  # an update of norm 5
+    np.testing.assert_allclose(bounded_update(boosted, start, max_norm=1.0), boosted / 5)
+    small = np.array([0.3, 0.4, 0.0, 0.0])
+    np.testing.assert_array_equal(bounded_update(small, start, max_norm=1.0), small)  # within bounds: untouched
+
+
+def test_small_departures_among_closely_agreeing_hospitals_are_not_evidence():
+    """Seven hospitals whose norms and directions happen to agree closely give a tiny spread;
+    a hospital 1.1x larger, or a little less aligned, must not read as an attack."""
+    rng = np.random.default_rng(8)
+    clients = [f"h{i}" for i in range(7)]
+    guard = CausalGuard(detectors=("magnitude", "alignment"))
+    shared = rng.normal(size=512)
+    for _ in range(3):  # histories
+        guard.judge(clients, shared + 0.5 * rng.normal(size=(7, 512)))
+    sketches = shared + 0.5 * rng.normal(size=(7, 512))
+    sketches /= np.linalg.norm(sketches, axis=1, keepdims=True)
+    sketches[3] *= 1.1
+    sketches[5] = 0.9 * sketches[5] - 0.1 * shared / np.linalg.norm(shared)
+    verdicts, _ = guard.judge(clients, sketches)
+    assert not any(v.flagged for v in verdicts)
+    assert verdicts[3].p_values["magnitude"] == 1.0 and verdicts[5].p_values["alignment"] == 1.0
+    sketches[3] *= 4  # a boosted update is still caught
+    assert CausalGuard(detectors=("magnitude",)).judge(clients, sketches)[0][3].flagged
+
+
+def test_a_hospital_that_always_moves_more_is_judged_against_its_own_habit():
+    """A minority hospital's update changes more from round to round as the model moves; once
+    its history is known that is its habit, not evidence (judged against the median client,
+    it was down-weighted round after round)."""
+    rng = np.random.default_rng(9)
+    clients = [f"h{i}" for i in range(8)]
+    guard = CausalGuard(detectors=("forecast",))
+    shared = rng.normal(size=512)
+    scales = np.linspace(0.7, 1.4, 8)[:, None]
+    scales[0] = 1.8  # always on the move
+    weights, p_restless = [], []
+    for _ in range(6):
+        verdicts, _ = guard.judge(clients, shared + scales * rng.normal(size=(8, 512)))
+        weights.append(verdicts[0].weight)
+        p_restless.append(verdicts[0].p_values["forecast"])
+    assert weights == [1.0] * 6 and p_restless[-1] > 0.5
