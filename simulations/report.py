@@ -152,8 +152,10 @@ def _anomaly_section(run_dir: Path) -> str:
     flagged = _table(["round", "hospital", "confidence", "evidence"], rows) if rows else "<p>No update was flagged.</p>"
     return (
         "<h2>Anomalies (server guard)</h2><p>Every update was inspected before aggregation: its own forecast, "
-        "magnitude, alignment, dependence on other hospitals' updates and the effect of leaving it out on the "
-        "server's validation set. Flagged updates were excluded. Per-round JSON: <code>anomalies/</code>.</p>"
+        "magnitude, alignment, dependence on other hospitals' updates, whether it was built from their "
+        "statistics, and the effect of leaving it out (or applying it alone) on the server's validation set. "
+        "Flagged updates were excluded; borderline ones counted half, at most a typical update's size. "
+        "Per-round JSON: <code>anomalies/</code>.</p>"
         f"{flagged}<img src=\"data:image/png;base64,{png}\" alt=\"anomaly graph\">"
     )
 
