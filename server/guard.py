@@ -188,11 +188,11 @@ class CausalGuard:
             verdicts.append(Verdict(client, flagged, weight, float(combined[i]),
                                     {name: float(p[i]) for name, p in found.p_values.items()},
                                     self._reasons(found, i, memory, combined[i], rejected[i], quarantined)))
-            # A round teaches the forecasts as much as it was trusted: an attacker that
-            # slips through once must not become its own yardstick, and an honest hospital
-            # down-weighted once must not keep being held to an ever staler forecast.
-            # A first forecast comes only from a plainly unsuspicious round.
-            if weight == 1.0 or (weight > 0 and memory.residual is not None):
+            # A round teaches the forecasts as much as it was trusted: a flagged update must
+            # not become its own yardstick, and an honest hospital down-weighted in its
+            # first rounds (a minority hospital often is) must not be held for ever to
+            # the other hospitals' yardstick instead of its own.
+            if weight > 0:
                 solo = None if solo_auroc_changes is None else float(solo_auroc_changes[i])
                 solo = solo if solo is not None and math.isfinite(solo) else None
                 # How far it departs from a forecast is known only once it had one.
