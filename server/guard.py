@@ -30,8 +30,9 @@ without clients whose evidence is overwhelming: attackers sitting in the middle 
 others otherwise make honest outliers look odd. Suspicion accumulates across rounds: each
 client's p-value is combined with its last rounds' (Fisher's method, which treats rounds
 as independent), a client flagged in enough of the recent rounds stays excluded until it
-behaves, and only plainly unsuspicious rounds enter a client's history. Flagged updates
-are excluded from the aggregate. Borderline ones are down-weighted.
+behaves, and a round teaches a client's history as much as it was trusted (a flagged round
+not at all). Flagged updates are excluded from the aggregate. Borderline ones are
+down-weighted (and, in the strategy, bounded in size).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from server.guard_stats import (
     consensus_alignment,
     coordinate_sample,
     count_sketch,
+    log_norms,
 )
 
 
@@ -137,11 +139,9 @@ class CausalGuard:
         residuals = sketches - np.median(sketches, axis=0)
         forecasts = np.stack([m.residual if m.residual is not None else np.zeros(sketches.shape[1]) for m in memories])
         innovations = residuals - forecasts
-        log_surprises = np.log(np.linalg.norm(innovations, axis=1) + 1e-12)
-        log_norms = np.log(np.linalg.norm(sketches, axis=1) + 1e-12)
         alignments = consensus_alignment(sketches)
-        return RoundEvidence(clients, sketches, residuals, innovations, log_surprises, log_norms, alignments, memories,
-                             loo_effects, solo_auroc_changes, samples)
+        return RoundEvidence(clients, sketches, residuals, innovations, log_norms(innovations), log_norms(sketches),
+                             alignments, memories, loo_effects, solo_auroc_changes, samples)
 
     def assess(
         self, clients: list[str], sketches: np.ndarray, loo_effects: np.ndarray | None = None,
@@ -176,7 +176,7 @@ class CausalGuard:
         combined = np.array([accumulate_over_rounds(float(p), list(m.recent_p))
                              for p, m in zip(found.this_round, memories)])
         rejected = benjamini_hochberg(combined, level=self.fdr)
-        log_norms = np.log(np.linalg.norm(sketches, axis=1) + 1e-12)
+        norms = log_norms(sketches)
         verdicts = []
         for i, client in enumerate(clients):
             memory = memories[i]
@@ -197,7 +197,7 @@ class CausalGuard:
                 solo = solo if solo is not None and math.isfinite(solo) else None
                 # How far it departs from a forecast is known only once it had one.
                 surprise = None if memory.residual is None else float(found.log_surprises[i])
-                memory.remember(residual=found.residuals[i], log_norm=float(log_norms[i]),
+                memory.remember(residual=found.residuals[i], log_norm=float(norms[i]),
                                 alignment=float(found.alignments[i]), solo_change=solo, log_surprise=surprise,
                                 smoothing=self.smoothing * weight)
             if math.isfinite(found.ranking_z[i]):

@@ -40,6 +40,11 @@ def coordinate_sample(vector: np.ndarray, *, size: int = SAMPLE_SIZE, seed: int 
     return vector[chosen]
 
 
+def log_norms(rows: np.ndarray) -> np.ndarray:
+    """The log of each row's Euclidean norm (a zero row gives a very negative number, not -inf)."""
+    return np.log(np.linalg.norm(rows, axis=1) + 1e-12)
+
+
 def robust_spread(values: np.ndarray) -> float:
     """1.4826 * MAD: the standard deviation for normal data, ignoring up to half outliers."""
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
