@@ -273,7 +273,7 @@ class CraftedDetector(Detector):
         p_values = np.where(regularity > self.min_regularity, upper_p(z), 1.0)
         reasons = [f"departs from the others' mean by {np.median(u):+.2f} of their standard deviations at "
                    f"nearly every coordinate (regularity {r:.1f}; honest updates vary)" for u, r in zip(units, regularity)]
-        return Finding(p_values, reasons, {"regularity": regularity})
+        return Finding(p_values, reasons)
 
 
 def combine_by_family(p_values: dict[str, np.ndarray]) -> np.ndarray:
