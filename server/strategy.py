@@ -201,7 +201,8 @@ class CausalFedAvg(FedAvg):
         if self.report_dir is not None:
             write_anomaly_report(self.report_dir, server_round, verdicts, graph)
         kept = []
-        typical_norm = self._median_update_norm(replies)
+        start = flatten(self._sent, list(self._sent))  # once per round, for every bound below
+        typical_norm = self._median_update_norm(replies, start)
         for reply, verdict in zip(replies, verdicts):
             summary = {"guard-flagged": float(verdict.flagged), "guard-confidence": 1 - verdict.combined_p}
             self.history.record(server_round, verdict.client, summary)
@@ -211,26 +212,24 @@ class CausalFedAvg(FedAvg):
                     self.auditor.note_verdict(verdict.client, "rejected: guard: " + "; ".join(verdict.reasons))
                 continue
             if verdict.weight < 1.0:
-                self._down_weight(reply, verdict, max_norm=typical_norm)
+                self._down_weight(reply, verdict, start, max_norm=typical_norm)
             kept.append(reply)
         return kept
 
-    def _down_weight(self, reply: Message, verdict: Verdict, *, max_norm: float) -> None:
+    def _down_weight(self, reply: Message, verdict: Verdict, start: np.ndarray, *, max_norm: float) -> None:
         """A borderline update counts for ``verdict.weight`` of its examples, and its size is
         bounded by the round's typical update: a boosted (model-replacement) update at half
         weight would still dominate the aggregate."""
         metrics = reply.content.metric_records[METRICS_KEY]
         metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * verdict.weight))
-        names = list(self._sent)
-        vector = flatten(reply.content.array_records[ARRAYS_KEY], names)
-        bounded = bounded_update(vector, flatten(self._sent, names), max_norm=max_norm)
+        vector = flatten(reply.content.array_records[ARRAYS_KEY], list(self._sent))
+        bounded = bounded_update(vector, start, max_norm=max_norm)
         reply.content.array_records[ARRAYS_KEY] = as_record(bounded, self._sent)
         if self.auditor is not None:
             self.auditor.note_verdict(verdict.client, f"down-weighted x{verdict.weight:g}, norm at most the round's median")
 
-    def _median_update_norm(self, replies: list[Message]) -> float:
+    def _median_update_norm(self, replies: list[Message], start: np.ndarray) -> float:
         names = list(self._sent)
-        start = flatten(self._sent, names)
         return float(np.median([np.linalg.norm(flatten(r.content.array_records[ARRAYS_KEY], names) - start)
                                 for r in replies]))
 
