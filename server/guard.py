@@ -12,7 +12,8 @@ p-value with an explanation:
   other clients). This catches free-riders and scaled model replacement.
 - ``alignment``: the update's cosine with the others' median update, against its history.
 - ``dependence``: partial correlations between the unexplained parts (innovations) of the
-  updates (and plain correlation for near-copies, which explain each other away). Colluders, and attacks built from other clients' updates, share structure that
+  updates (and plain correlation for near-copies, which explain each other away).
+  Colluders, and attacks built from other clients' updates, share structure that
   independent hospitals do not. The edges form the graph.
 - ``crafted``: an update that departs from the others' mean by the same number of standard
   deviations at every coordinate was computed from their statistics (ALIE, Min-Max).
@@ -22,6 +23,10 @@ p-value with an explanation:
   this client's alone. Leaving one of ten out moves the aggregate by a tenth; applying one
   alone moves it fully. AUROC, not loss: a hospital with another prevalence shifts the
   bias and so the loss, while flipped labels or a flipped update reverse the ranking.
+- ``validation-direction``: the first-order intervention, whether the update points with
+  or against the descent direction of a ranking loss on the validation set. Unlike
+  solo-ranking it is judged against the round's other clients, not the client's history:
+  an attacker present from the first round would otherwise be its own yardstick.
 
 The p-values are combined per client (Bonferroni within detector families, then across
 them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yardsticks
@@ -43,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from server.detectors import DETECTORS, ClientMemory, Finding, RoundEvidence, combine_by_family
+from server.detectors import DETECTORS, ClientMemory, Finding, Measurements, RoundEvidence, combine_by_family
 from server.guard_stats import (
     accumulate_over_rounds,
     benjamini_hochberg,
@@ -78,14 +83,14 @@ class Assessment:
     residuals: np.ndarray
     log_surprises: np.ndarray
     alignments: np.ndarray
-    ranking_z: np.ndarray  # NaN where the solo-ranking detector gave none
+    round_z: dict[str, np.ndarray]  # accumulating detectors' scores this round (NaN: none given)
     edges: list[tuple[str, str, float]]
     set_aside: list[str] = field(default_factory=list)  # clients left out of later passes' yardsticks
 
     @classmethod
     def empty(cls, n: int, k: int, detectors: tuple[str, ...]) -> Assessment:
         return cls(np.ones(n), {d: np.ones(n) for d in detectors}, {d: [""] * n for d in detectors},
-                   np.zeros((n, k)), np.zeros(n), np.zeros(n), np.full(n, np.nan), [])
+                   np.zeros((n, k)), np.zeros(n), np.zeros(n), {}, [])
 
     def record(self, indices: np.ndarray, evidence: RoundEvidence, findings: dict[str, Finding],
                combined: np.ndarray) -> None:
@@ -95,16 +100,13 @@ class Assessment:
             self.log_surprises[i] = evidence.log_surprises[j]
             for name, finding in findings.items():
                 self.p_values[name][i], self.reasons[name][i] = finding.p_values[j], finding.reasons[j]
-            if "solo-ranking" in findings and "z" in findings["solo-ranking"].extra:
-                self.ranking_z[i] = findings["solo-ranking"].extra["z"][j]
+            for name, finding in findings.items():
+                if "z" in finding.extra:
+                    self.round_z.setdefault(name, np.full(len(self.this_round), np.nan))[i] = finding.extra["z"][j]
         known = {(a, b) for a, b, _ in self.edges}
         for edge in findings["dependence"].extra.get("edges", []) if "dependence" in findings else []:
             if edge[:2] not in known:
                 self.edges.append(edge)
-
-
-def _subset(values: np.ndarray | None, indices: np.ndarray) -> np.ndarray | None:
-    return None if values is None else values[indices]
 
 
 @dataclass
@@ -121,6 +123,7 @@ class CausalGuard:
     quarantine_after: int = 2  # flags within the last 3 rounds that keep a client out
     detectors: tuple[str, ...] = (
         "forecast", "magnitude", "alignment", "dependence", "crafted", "intervention", "solo-ranking",
+        "validation-direction",
     )
     seed: int = 0
     memories: dict[str, ClientMemory] = field(default_factory=dict)
@@ -131,32 +134,26 @@ class CausalGuard:
     def sample(self, delta: np.ndarray) -> np.ndarray:
         return coordinate_sample(delta, seed=self.seed)
 
-    def evidence(
-        self, clients: list[str], sketches: np.ndarray, loo_effects: np.ndarray | None,
-        solo_auroc_changes: np.ndarray | None = None, samples: np.ndarray | None = None,
-    ) -> RoundEvidence:
+    def evidence(self, clients: list[str], sketches: np.ndarray, measured: Measurements) -> RoundEvidence:
         memories = [self.memories.setdefault(c, ClientMemory()) for c in clients]
         residuals = sketches - np.median(sketches, axis=0)
         forecasts = np.stack([m.residual if m.residual is not None else np.zeros(sketches.shape[1]) for m in memories])
         innovations = residuals - forecasts
         alignments = consensus_alignment(sketches)
         return RoundEvidence(clients, sketches, residuals, innovations, log_norms(innovations), log_norms(sketches),
-                             alignments, memories, loo_effects, solo_auroc_changes, samples)
+                             alignments, memories, measured)
 
-    def assess(
-        self, clients: list[str], sketches: np.ndarray, loo_effects: np.ndarray | None = None,
-        solo_auroc_changes: np.ndarray | None = None, samples: np.ndarray | None = None,
-    ) -> Assessment:
+    def assess(self, clients: list[str], sketches: np.ndarray, measured: Measurements | None = None) -> Assessment:
         """Every detector on every client, in passes: clients with overwhelming evidence are
         set aside and the rest judged again against yardsticks they no longer shape.
 
         Pure with respect to the memories (it reads them only); ``judge`` commits.
         """
         assessment = Assessment.empty(len(clients), sketches.shape[1], self.detectors)
+        measured = measured or Measurements()
         active = np.arange(len(clients))
         while True:
-            evidence = self.evidence([clients[i] for i in active], sketches[active], _subset(loo_effects, active),
-                                     _subset(solo_auroc_changes, active), _subset(samples, active))
+            evidence = self.evidence([clients[i] for i in active], sketches[active], measured.subset(active))
             findings = {name: DETECTORS[name]().inspect(evidence) for name in self.detectors}
             combined = combine_by_family({name: f.p_values for name, f in findings.items()})
             assessment.record(active, evidence, findings, combined)
@@ -167,11 +164,11 @@ class CausalGuard:
             active = active[~overwhelming]
 
     def judge(
-        self, clients: list[str], sketches: np.ndarray, loo_effects: np.ndarray | None = None,
-        solo_auroc_changes: np.ndarray | None = None, samples: np.ndarray | None = None,
+        self, clients: list[str], sketches: np.ndarray, measured: Measurements | None = None,
     ) -> tuple[list[Verdict], dict]:
         """Verdicts for this round's clients, and the dependency graph's edges."""
-        found = self.assess(clients, sketches, loo_effects, solo_auroc_changes, samples)
+        found = self.assess(clients, sketches, measured)
+        solo_changes = None if measured is None else measured.solo_auroc_changes
         memories = [self.memories[c] for c in clients]
         combined = np.array([accumulate_over_rounds(float(p), list(m.recent_p))
                              for p, m in zip(found.this_round, memories)])
@@ -193,15 +190,16 @@ class CausalGuard:
             # first rounds (a minority hospital often is) must not be held for ever to
             # the other hospitals' yardstick instead of its own.
             if weight > 0:
-                solo = None if solo_auroc_changes is None else float(solo_auroc_changes[i])
+                solo = None if solo_changes is None else float(solo_changes[i])
                 solo = solo if solo is not None and math.isfinite(solo) else None
                 # How far it departs from a forecast is known only once it had one.
                 surprise = None if memory.residual is None else float(found.log_surprises[i])
                 memory.remember(residual=found.residuals[i], log_norm=float(norms[i]),
                                 alignment=float(found.alignments[i]), solo_change=solo, log_surprise=surprise,
                                 smoothing=self.smoothing * weight)
-            if math.isfinite(found.ranking_z[i]):
-                memory.ranking_z.append(float(found.ranking_z[i]))
+            for name, z in found.round_z.items():  # evidence adds up even while a client is out
+                if math.isfinite(z[i]):
+                    memory.z_history(name).append(float(z[i]))
         return verdicts, {"edges": found.edges, "set_aside": found.set_aside}
 
     def _reasons(self, found: Assessment, i: int, memory: ClientMemory, combined: float, rejected: bool,

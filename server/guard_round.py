@@ -4,7 +4,7 @@ validation set, per-round anomaly reports (JSON)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from common.data import Split
 from common.files import atomic_write_text
 from common.metrics import auroc
 from common.protocol import ARRAYS_KEY, METRICS_KEY
+from server.detectors import Measurements
 from server.guard import CausalGuard, Verdict
 
 ANOMALY_DIR = "anomalies"
@@ -58,13 +59,18 @@ class ValidationProbe:
     split: Split
     build_model: Callable[[], torch.nn.Module]
 
-    def _logits(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> torch.Tensor:
+    def _model(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> torch.nn.Module:
         model = self.build_model()
         arrays = unflatten(flat, names, shapes)
         model.load_state_dict({name: torch.as_tensor(value, dtype=torch.float32) for name, value in arrays.items()})
-        model.eval()
+        return model.eval()
+
+    def _images(self) -> torch.Tensor:
+        return torch.as_tensor(self.split.images, dtype=torch.float32)
+
+    def _logits(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> torch.Tensor:
         with torch.no_grad():
-            return model(torch.as_tensor(self.split.images, dtype=torch.float32))
+            return self._model(flat, names, shapes)(self._images())
 
     def loss(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
         logits = self._logits(flat, names, shapes)
@@ -72,6 +78,37 @@ class ValidationProbe:
 
     def auroc(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
         return auroc(labels=self.split.labels, scores=self._logits(flat, names, shapes).numpy())
+
+    def ranking_gradients(
+        self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]], *, resamples: int, seed: int = 0
+    ) -> Iterator[np.ndarray]:
+        """The gradient at ``flat`` of a pairwise ranking loss on the validation cases (flat,
+        in ``names`` order; zero for buffers), then its gradient on ``resamples`` bootstrap
+        resamples of the cases. Nothing for a one-class set.
+
+        Every positive against every negative (the logistic surrogate of 1 - AUROC): the
+        bias cancels, so the direction says what ranks the cases, not their prevalence.
+        One forward pass serves every resample; one at a time keeps memory at one gradient.
+        """
+        labels = torch.as_tensor(self.split.labels)
+        if labels.min() == labels.max():
+            return
+        model = self._model(flat, names, shapes)
+        scores = model(self._images())
+        parameters = dict(model.named_parameters())
+        rng = np.random.default_rng(seed)
+        cases = [np.arange(len(labels))] + [rng.integers(0, len(labels), len(labels)) for _ in range(resamples)]
+        for index in cases:
+            chosen, chosen_labels = scores[index], labels[index]
+            if chosen_labels.min() == chosen_labels.max():
+                continue  # a resample with one class ranks nothing
+            margins = chosen[chosen_labels == 1][:, None] - chosen[chosen_labels == 0][None, :]
+            grads = dict(zip(parameters, torch.autograd.grad(F.softplus(-margins).mean(), list(parameters.values()),
+                                                             retain_graph=True)))
+            yield np.concatenate([
+                grads[name].numpy().astype(np.float64).ravel() if name in grads else np.zeros(int(np.prod(shape)))
+                for name, shape in zip(names, shapes)
+            ])
 
 
 def leave_one_out_effects(
@@ -99,6 +136,26 @@ def solo_auroc_changes(
     return np.array([probe.auroc(v, names, shapes) - before for v in vectors])
 
 
+def ranking_alignments(
+    vectors: np.ndarray, start: np.ndarray, probe: ValidationProbe, names: list[str], shapes: list[tuple[int, ...]],
+    *, resamples: int = 40,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of each update with the descent direction of the validation ranking loss at
+    the round's start, and its bootstrap standard error (NaN without a ranking).
+
+    The error is what 200 validation cases leave unsure: their direction is only an
+    estimate of the population's. Linear in the parameters: a dot product per client and
+    resample.
+    """
+    deltas = vectors - start
+    lengths = np.linalg.norm(deltas, axis=1) + 1e-12
+    cosines = [-(deltas @ g) / (lengths * (np.linalg.norm(g) + 1e-12))
+               for g in probe.ranking_gradients(start, names, shapes, resamples=resamples)]
+    if len(cosines) < 3:
+        return np.full(len(vectors), np.nan), np.full(len(vectors), np.nan)
+    return cosines[0], np.std(cosines[1:], axis=0, ddof=1)
+
+
 def guard_replies(
     guard: CausalGuard,
     replies: list[Message],
@@ -113,11 +170,12 @@ def guard_replies(
     sketches = np.stack([guard.sketch(v - start) for v in vectors])
     samples = np.stack([guard.sample(v - start) for v in vectors])
     weights = np.array([float(r.content.metric_records[METRICS_KEY]["num-examples"]) for r in replies])
-    effects, alone, base = (None, None, None)
+    measured, base = Measurements(samples=samples), None
     if probe is not None:
-        effects, base = leave_one_out_effects(vectors, weights, probe, names, shapes)
-        alone = solo_auroc_changes(vectors, start, probe, names, shapes)
-    verdicts, graph = guard.judge(sites, sketches, effects, alone, samples)
+        measured.loo_effects, base = leave_one_out_effects(vectors, weights, probe, names, shapes)
+        measured.solo_auroc_changes = solo_auroc_changes(vectors, start, probe, names, shapes)
+        measured.ranking_alignments, measured.ranking_errors = ranking_alignments(vectors, start, probe, names, shapes)
+    verdicts, graph = guard.judge(sites, sketches, measured)
     graph["validation_loss"] = base
     return verdicts, graph
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from common.config import ScenarioError, load_scenario, parse_scenario
-from server.detectors import DETECTORS, CraftedDetector, DependenceDetector, combine_by_family
+from server.detectors import (
+    DETECTORS,
+    ClientMemory,
+    CraftedDetector,
+    DependenceDetector,
+    Measurements,
+    RoundEvidence,
+    combine_by_family,
+)
 from server.guard import CausalGuard
 from server.guard_round import bounded_update
 from server.guard_stats import (
@@ -77,14 +86,15 @@ def test_history_forgives_a_hospital_that_is_always_different():
     clients = [f"h{i}" for i in range(8)]
     offset = 1.0 * rng.normal(size=512)
     scales = np.linspace(0.7, 1.4, 8)[:, None]  # hospitals differ in how much they move
-    forecast_p = []
+    relative_surprise = []
     for _ in range(5):
         sketches = rng.normal(size=(8, 512)) * scales
         sketches[0] += offset  # always the odd one out, in the same way
+        found = guard.assess(clients, sketches)
+        relative_surprise.append(found.log_surprises[0] - np.median(found.log_surprises))
         verdicts, _ = guard.judge(clients, sketches)
-        assert not verdicts[0].flagged
-        forecast_p.append(verdicts[0].p_values["forecast"])
-    assert forecast_p[-1] > forecast_p[0]  # less surprising once its history is known
+        assert not verdicts[0].flagged and verdicts[0].p_values["forecast"] == 1.0
+    assert relative_surprise[-1] < relative_surprise[0] - 0.2  # less surprising once its history is known
     sketches = rng.normal(size=(8, 512)) * scales
     sketches[0] += offset
     sketches[3] += 6 * rng.normal(size=512)  # a sudden change
@@ -198,7 +208,7 @@ def test_solo_ranking_blames_harm_not_difference():
         changes = rng.normal(0.02, 0.03, 10)
         changes[4] = -0.05  # always somewhat worse: another prevalence, other shortcuts
         changes[7] = -0.20  # reverses the ranking: flipped labels
-        verdicts, _ = guard.judge(clients, rng.normal(size=(10, 64)), None, changes)
+        verdicts, _ = guard.judge(clients, rng.normal(size=(10, 64)), Measurements(solo_auroc_changes=changes))
         flagged.append([v.client for v in verdicts if v.flagged])
         p_always_worse.append(verdicts[4].p_values["solo-ranking"])
     assert all(f == ["h7"] for f in flagged), flagged
@@ -221,7 +231,7 @@ def test_updates_built_from_the_others_statistics_are_too_regular(name):
     units = [spread_units(updates, i) for i in range(10)]
     regularity = [spread_regularity(u) for u in units]
     assert max(regularity[:9]) < CraftedDetector.min_regularity < regularity[9]
-    verdicts, _ = CausalGuard().judge([f"h{i}" for i in range(10)], updates[:, :512], samples=updates)
+    verdicts, _ = CausalGuard().judge([f"h{i}" for i in range(10)], updates[:, :512], Measurements(samples=updates))
     assert [v.client for v in verdicts if v.flagged] == ["h9"]
     assert verdicts[9].p_values["crafted"] < 1e-6 and "standard deviations" in " ".join(verdicts[9].reasons)
 
@@ -305,3 +315,17 @@ def test_a_hospital_that_always_moves_more_is_judged_against_its_own_habit():
         weights.append(verdicts[0].weight)
         p_restless.append(verdicts[0].p_values["forecast"])
     assert weights == [1.0] * 6 and p_restless[-1] > 0.5
+
+
+def test_a_slightly_larger_departure_among_closely_agreeing_surprises_is_not_evidence():
+    """Eight hospitals whose surprises moved alike give a tiny spread; departing from one's
+    forecast 1.2x as much as usual must not read as an attack, 3x still does."""
+    clients = [f"h{i}" for i in range(8)]
+    surprises = -1.0 + 0.001 * np.arange(8)
+    surprises[2] += math.log(1.2)
+    surprises[5] += math.log(3.0)
+    memories = [ClientMemory(log_surprise=-1.0) for _ in clients]
+    zeros = np.zeros((8, 4))
+    evidence = RoundEvidence(clients, zeros, zeros, zeros, surprises, np.zeros(8), np.zeros(8), memories, Measurements())
+    p_values = DETECTORS["forecast"]().inspect(evidence).p_values
+    assert p_values[2] == 1.0 and p_values[5] < 1e-3

@@ -1,0 +1,91 @@
+"""The guard's validation-set evidence: the ranking direction and what is judged against it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.data import Split
+from server.detectors import ClientMemory, Measurements
+from server.guard import CausalGuard
+from server.guard_round import ValidationProbe, ranking_alignments
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.linear(images).squeeze(-1)
+
+
+def _probe(rng: np.random.Generator, n: int = 300) -> ValidationProbe:
+    labels = (rng.random(n) < 0.4).astype(np.int64)
+    images = rng.normal(size=(n, 3)).astype(np.float32)
+    images[:, 0] += 1.5 * labels  # the first feature ranks the cases; the others are noise
+    return ValidationProbe(Split(images=images, labels=labels), _Linear)
+
+
+def test_the_ranking_direction_ignores_the_bias_and_points_at_what_ranks():
+    """Pairwise, so a prevalence shift (the bias) is neither for nor against it, and an update
+    learning the ranking feature points with it, a flipped one against it."""
+    probe = _probe(np.random.default_rng(0))
+    names, shapes = ["linear.weight", "linear.bias"], [(1, 3), (1,)]
+    start = np.zeros(4)
+    gradient = next(probe.ranking_gradients(start, names, shapes, resamples=0))
+    assert abs(gradient[3]) < 1e-6 and gradient[0] < 0 < -gradient[0] - 10 * np.abs(gradient[1:3]).max()
+    learns, shifts_bias = np.array([0.3, 0.01, -0.02, 0.0]), np.array([0.0, 0.0, 0.0, 0.5])
+    cosines, errors = ranking_alignments(start + np.stack([learns, -learns, shifts_bias]), start, probe, names, shapes)
+    assert cosines[0] > 0.9 and cosines[1] < -0.9 and abs(cosines[2]) < 1e-6
+    assert 0 < errors[0] < 0.05  # 300 cases pin the direction down
+
+
+def test_a_one_class_validation_set_gives_no_direction():
+    probe = _probe(np.random.default_rng(1))
+    probe.split.labels[:] = 0
+    names, shapes = ["linear.weight", "linear.bias"], [(1, 3), (1,)]
+    cosines, errors = ranking_alignments(np.ones((3, 4)), np.zeros(4), probe, names, shapes)
+    assert np.isnan(cosines).all() and np.isnan(errors).all()
+    verdicts, _ = CausalGuard(detectors=("validation-direction",)).judge(
+        ["a", "b", "c"], np.ones((3, 8)), Measurements(ranking_alignments=cosines, ranking_errors=errors))
+    assert all(v.p_values["validation-direction"] == 1.0 for v in verdicts)
+
+
+def test_an_update_against_the_validation_ranking_is_harm_however_long_it_has_been():
+    """A client reversing the ranking from its first round on (a sign-flipper, flipped labels)
+    is caught as evidence adds up over rounds, though it never changes its habit; an honest
+    hospital that is merely the least helpful (seed 1's hospital-02 in the benchmark) is not,
+    nor is the judgement of one swayed by how many others point against the ranking."""
+    rng = np.random.default_rng(2)
+    guard = CausalGuard(detectors=("validation-direction",))
+    clients = [f"h{i}" for i in range(10)]
+    flagged = []
+    errors = np.full(10, 0.07)  # bootstrap errors of 200 cases
+    for _ in range(5):
+        cosines = rng.normal(0.2, 0.1, 10)
+        cosines[4] = rng.normal(-0.07, 0.1)  # the least helpful, now and then a little against it
+        cosines[7] = -0.25  # against it, every round
+        verdicts, _ = guard.judge(clients, rng.normal(size=(10, 64)), Measurements(ranking_alignments=cosines,
+                                                                                    ranking_errors=errors))
+        flagged.append([v.client for v in verdicts if v.flagged])
+    assert flagged[0] == [] and flagged[-1] == ["h7"] and all(f in ([], ["h7"]) for f in flagged), flagged
+    assert "against the validation ranking" in " ".join(verdicts[7].reasons)
+    crowded = np.array([0.2, 0.3, -0.4, -0.4, 0.25, 0.1, 0.3, -0.25, 0.2, 0.15])  # two more against it
+
+    def p_of_h7(cosines: np.ndarray) -> float:
+        found = CausalGuard(detectors=("validation-direction",)).assess(
+            clients, np.ones((10, 8)), Measurements(ranking_alignments=cosines, ranking_errors=errors))
+        return float(found.p_values["validation-direction"][7])
+
+    assert p_of_h7(crowded) == p_of_h7(np.where(crowded < -0.3, 0.2, crowded))
+
+
+def test_accumulated_evidence_survives_a_saved_state():
+    memory = ClientMemory()
+    memory.z_history("validation-direction").extend([2.0, 2.5])
+    restored = ClientMemory.from_dict(memory.as_dict())
+    assert list(restored.z_history("validation-direction")) == [2.0, 2.5]
+    older = memory.as_dict() | {"ranking_z": [1.5]}  # saved before several detectors accumulated
+    del older["past_z"]
+    assert list(ClientMemory.from_dict(older).z_history("solo-ranking")) == [1.5]
