@@ -24,9 +24,10 @@ p-value with an explanation:
   alone moves it fully. AUROC, not loss: a hospital with another prevalence shifts the
   bias and so the loss, while flipped labels or a flipped update reverse the ranking.
 - ``validation-direction``: the first-order intervention, whether the update points with
-  or against the descent direction of a ranking loss on the validation set. Unlike
-  solo-ranking it is judged against the round's other clients, not the client's history:
-  an attacker present from the first round would otherwise be its own yardstick.
+  or against the descent direction of a ranking loss on the validation set, in units of
+  its bootstrap error. Judged against zero, not the client's history (an attacker present
+  from the first round would otherwise be its own yardstick) nor the other clients (being
+  the least helpful is no harm).
 
 The p-values are combined per client (Bonferroni within detector families, then across
 them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yardsticks
