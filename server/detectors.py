@@ -298,7 +298,8 @@ class ValidationDirectionDetector(Detector):
     family = "intervention"
     # The bootstrap error is one round's; the same cases serve every round, so their quirks
     # do not average out: on 3000 fresh cases, 200-case cosines of honest hospitals were
-    # off by up to 2.3 errors. Twice the error keeps an honest hospital's z under 2.
+    # off by up to 2.3 errors. With twice the error, every honest hospital's z stayed
+    # under 1.8 in every round of the seed-1 benign run.
     error_inflation: ClassVar[float] = 2.0
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
