@@ -237,13 +237,13 @@ class InterventionDetector(Detector):
     min_effect: ClassVar[float] = 0.002  # validation log-loss: below this it is noise
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
-        n = len(evidence.clients)
-        if evidence.measured.loo_effects is None:
+        n, effects = len(evidence.clients), evidence.measured.loo_effects
+        if effects is None:
             return Finding(np.ones(n), [""] * n)
-        harm = -evidence.measured.loo_effects  # > 0: the aggregate is better without this client
+        harm = -effects  # > 0: the aggregate is better without this client
         z = robust_z(harm)
         p_values = np.where(harm > self.min_effect, upper_p(z), 1.0)
-        reasons = [f"leaving it out changes validation loss by {e:+.4f}" for e in evidence.measured.loo_effects]
+        reasons = [f"leaving it out changes validation loss by {e:+.4f}" for e in effects]
         return Finding(p_values, reasons)
 
 
@@ -270,8 +270,8 @@ class SoloRankingDetector(Detector):
         pooled = np.array([stouffer([*m.z_history(self.name), value]) for m, value in zip(evidence.memories, z)])
         # Normal tail: a sum over rounds of clipped scores is no longer heavy-tailed.
         p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
-        reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over {len(m.z_history(self.name)) + 1} rounds)"
-                   for c, s, m in zip(changes, pooled, evidence.memories)]
+        reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over "
+                   f"{len(m.z_history(self.name)) + 1} rounds)" for c, s, m in zip(changes, pooled, evidence.memories)]
         return Finding(p_values, reasons, {"z": z})
 
 

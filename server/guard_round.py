@@ -137,22 +137,22 @@ def solo_auroc_changes(
 
 
 def ranking_alignments(
-    vectors: np.ndarray, start: np.ndarray, probe: ValidationProbe, names: list[str], shapes: list[tuple[int, ...]],
+    deltas: np.ndarray, start: np.ndarray, probe: ValidationProbe, names: list[str], shapes: list[tuple[int, ...]],
     *, resamples: int = 40,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine of each update with the descent direction of the validation ranking loss at
-    the round's start, and its bootstrap standard error (NaN without a ranking).
+    the round's start (``deltas``: one update per row), and its bootstrap standard error
+    (NaN without a ranking).
 
     The error is what 200 validation cases leave unsure: their direction is only an
     estimate of the population's. Linear in the parameters: a dot product per client and
     resample.
     """
-    deltas = vectors - start
     lengths = np.linalg.norm(deltas, axis=1) + 1e-12
     cosines = [-(deltas @ g) / (lengths * (np.linalg.norm(g) + 1e-12))
                for g in probe.ranking_gradients(start, names, shapes, resamples=resamples)]
     if len(cosines) < 3:
-        return np.full(len(vectors), np.nan), np.full(len(vectors), np.nan)
+        return np.full(len(deltas), np.nan), np.full(len(deltas), np.nan)
     return cosines[0], np.std(cosines[1:], axis=0, ddof=1)
 
 
@@ -167,14 +167,15 @@ def guard_replies(
     shapes = [tuple(global_arrays[name].shape) for name in names]
     start = flatten(global_arrays, names)
     vectors = np.stack([flatten(r.content.array_records[ARRAYS_KEY], names) for r in replies])
-    sketches = np.stack([guard.sketch(v - start) for v in vectors])
-    samples = np.stack([guard.sample(v - start) for v in vectors])
+    deltas = vectors - start
+    sketches = np.stack([guard.sketch(d) for d in deltas])
+    samples = np.stack([guard.sample(d) for d in deltas])
     weights = np.array([float(r.content.metric_records[METRICS_KEY]["num-examples"]) for r in replies])
     measured, base = Measurements(samples=samples), None
     if probe is not None:
         measured.loo_effects, base = leave_one_out_effects(vectors, weights, probe, names, shapes)
         measured.solo_auroc_changes = solo_auroc_changes(vectors, start, probe, names, shapes)
-        measured.ranking_alignments, measured.ranking_errors = ranking_alignments(vectors, start, probe, names, shapes)
+        measured.ranking_alignments, measured.ranking_errors = ranking_alignments(deltas, start, probe, names, shapes)
     verdicts, graph = guard.judge(sites, sketches, measured)
     graph["validation_loss"] = base
     return verdicts, graph
