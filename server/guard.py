@@ -101,7 +101,6 @@ class Assessment:
             self.log_surprises[i] = evidence.log_surprises[j]
             for name, finding in findings.items():
                 self.p_values[name][i], self.reasons[name][i] = finding.p_values[j], finding.reasons[j]
-            for name, finding in findings.items():
                 if "z" in finding.extra:
                     self.round_z.setdefault(name, np.full(len(self.this_round), np.nan))[i] = finding.extra["z"][j]
         known = {(a, b) for a, b, _ in self.edges}

@@ -178,6 +178,7 @@ def guard_replies(
         measured.ranking_alignments, measured.ranking_errors = ranking_alignments(deltas, start, probe, names, shapes)
     verdicts, graph = guard.judge(sites, sketches, measured)
     graph["validation_loss"] = base
+    graph["update_norms"] = np.linalg.norm(deltas, axis=1)  # the strategy bounds borderline updates by their median
     return verdicts, graph
 
 

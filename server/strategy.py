@@ -202,7 +202,7 @@ class CausalFedAvg(FedAvg):
             write_anomaly_report(self.report_dir, server_round, verdicts, graph)
         kept = []
         start = flatten(self._sent, list(self._sent))  # once per round, for every bound below
-        typical_norm = self._median_update_norm(replies, start)
+        typical_norm = float(np.median(graph["update_norms"]))
         for reply, verdict in zip(replies, verdicts):
             summary = {"guard-flagged": float(verdict.flagged), "guard-confidence": 1 - verdict.combined_p}
             self.history.record(server_round, verdict.client, summary)
@@ -227,11 +227,6 @@ class CausalFedAvg(FedAvg):
         reply.content.array_records[ARRAYS_KEY] = as_record(bounded, self._sent)
         if self.auditor is not None:
             self.auditor.note_verdict(verdict.client, f"down-weighted x{verdict.weight:g}, norm at most the round's median")
-
-    def _median_update_norm(self, replies: list[Message], start: np.ndarray) -> float:
-        names = list(self._sent)
-        return float(np.median([np.linalg.norm(flatten(r.content.array_records[ARRAYS_KEY], names) - start)
-                                for r in replies]))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
