@@ -128,6 +128,9 @@ class Detector(ABC):
     # Detectors asking the same question (e.g. two interventions on the validation set)
     # share a family; Bonferroni runs within families, then across them.
     family: ClassVar[str | None] = None
+    # A detector that asks only whether a client changed its habit: a change of habit
+    # towards what ranks the clean validation cases is learning, not harm (see ``excuse``).
+    habit_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -143,6 +146,7 @@ class ForecastDetector(Detector):
     round as the model moves; only a change in its own habit is evidence."""
 
     name = "forecast"
+    habit_only = True
     # Departing from its forecast within this factor of usual (beyond the round's common
     # change) is not evidence: eight hospitals whose surprises moved alike gave a spread of
     # 0.01, against which an honest 1.2x read as p 4e-6.
@@ -184,6 +188,7 @@ class AlignmentDetector(Detector):
     +0.2 to +0.3), so a hospital that is merely in the smaller cluster would look reversed."""
 
     name = "alignment"
+    habit_only = True
     # A cosine this much below its forecast, or less, is not evidence: seven hospitals that
     # happen to agree closely give a tiny spread (an honest drop of 0.08 read as p 2e-4).
     min_drop: ClassVar[float] = 0.2
@@ -310,10 +315,10 @@ class ValidationDirectionDetector(Detector):
         # > 0: against the ranking. Clipped: one freak round must not dominate the sum.
         z = np.clip(-cosines / np.maximum(self.error_inflation * errors, 1e-6), -3.0, 6.0)
         pooled = np.array([stouffer([*m.z_history(self.name), value]) for m, value in zip(evidence.memories, z)])
-        reasons = [f"its update points against the validation ranking (cosine {c:+.2f} +/- {e:.2f}; z {s:+.1f} "
-                   f"over {len(m.z_history(self.name)) + 1} rounds)"
+        reasons = [f"its update points {'against' if c < 0 else 'with'} the validation ranking (cosine {c:+.2f} "
+                   f"+/- {e:.2f}; z {s:+.1f} over {len(m.z_history(self.name)) + 1} rounds)"
                    for c, e, s, m in zip(cosines, errors, pooled, evidence.memories)]
-        return Finding(norm.sf(pooled), reasons, {"z": z})
+        return Finding(norm.sf(pooled), reasons, {"z": z, "pooled": pooled})
 
 
 class CraftedDetector(Detector):
@@ -339,6 +344,36 @@ class CraftedDetector(Detector):
         reasons = [f"departs from the others' mean by {np.median(u):+.2f} of their standard deviations at "
                    f"nearly every coordinate (regularity {r:.1f}; honest updates vary)" for u, r in zip(units, regularity)]
         return Finding(p_values, reasons)
+
+
+def helpful_clients(findings: dict[str, Finding], *, min_pooled_help: float) -> np.ndarray:
+    """Clients whose updates, this round's included, point with the validation ranking:
+    over their recent rounds by at least ``min_pooled_help`` (pooled z), and not against
+    it this round (so a client that turns is not covered by its past)."""
+    direction = findings.get("validation-direction")
+    if direction is None or "pooled" not in direction.extra:
+        return np.zeros(len(next(iter(findings.values())).p_values), dtype=bool)
+    return (direction.extra["pooled"] <= -min_pooled_help) & (direction.extra["z"] <= 0)
+
+
+def excuse(findings: dict[str, Finding], helpful: np.ndarray) -> dict[str, Finding]:
+    """The findings with habit-only detectors' evidence set aside for ``helpful`` clients.
+
+    Why: once an honest hospital is flagged for a change of habit, its history stops
+    learning, and its next rounds are compared with a stale forecast, so the flag feeds
+    itself (seed 2, sign-flip with two attackers: hospital 08 flagged from round 2 to the
+    end while its updates had a +0.27 cosine with the validation ranking). Only habit
+    detectors are excused: a boosted or crafted update may point the right way too, and
+    is caught by its size or regularity.
+    """
+    excused = {}
+    for name, finding in findings.items():
+        if not DETECTORS[name].habit_only or not helpful.any():
+            excused[name] = finding
+            continue
+        excused[name] = Finding(np.where(helpful, 1.0, finding.p_values), finding.reasons,
+                                {**finding.extra, "unexcused_p": finding.p_values})
+    return excused
 
 
 def combine_by_family(p_values: dict[str, np.ndarray]) -> np.ndarray:

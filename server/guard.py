@@ -49,7 +49,16 @@ from typing import Any
 
 import numpy as np
 
-from server.detectors import DETECTORS, ClientMemory, Finding, Measurements, RoundEvidence, combine_by_family
+from server.detectors import (
+    DETECTORS,
+    ClientMemory,
+    Finding,
+    Measurements,
+    RoundEvidence,
+    combine_by_family,
+    excuse,
+    helpful_clients,
+)
 from server.guard_stats import (
     accumulate_over_rounds,
     benjamini_hochberg,
@@ -87,6 +96,7 @@ class Assessment:
     round_z: dict[str, np.ndarray]  # accumulating detectors' scores this round (NaN: none given)
     edges: list[tuple[str, str, float]]
     set_aside: list[str] = field(default_factory=list)  # clients left out of later passes' yardsticks
+    excused: dict[int, dict[str, float]] = field(default_factory=dict)  # per client: habit p-values set aside
 
     @classmethod
     def empty(cls, n: int, k: int, detectors: tuple[str, ...]) -> Assessment:
@@ -99,8 +109,11 @@ class Assessment:
             self.this_round[i] = combined[j]
             self.residuals[i], self.alignments[i] = evidence.residuals[j], evidence.alignments[j]
             self.log_surprises[i] = evidence.log_surprises[j]
+            self.excused.pop(i, None)
             for name, finding in findings.items():
                 self.p_values[name][i], self.reasons[name][i] = finding.p_values[j], finding.reasons[j]
+                if "unexcused_p" in finding.extra and finding.p_values[j] > finding.extra["unexcused_p"][j]:
+                    self.excused.setdefault(i, {})[name] = float(finding.extra["unexcused_p"][j])
                 if "z" in finding.extra:
                     self.round_z.setdefault(name, np.full(len(self.this_round), np.nan))[i] = finding.extra["z"][j]
         known = {(a, b) for a, b, _ in self.edges}
@@ -121,6 +134,9 @@ class CausalGuard:
     overwhelming_p: float = 1e-6
     smoothing: float = 0.5
     quarantine_after: int = 2  # flags within the last 3 rounds that keep a client out
+    # Pooled validation-direction z at or below minus this excuses a change of habit
+    # (``server/detectors.py``, ``excuse``). 2: seed 2's hospital 08 pooled -2.6 to -3.
+    min_pooled_help: float = 2.0
     detectors: tuple[str, ...] = (
         "forecast", "magnitude", "alignment", "dependence", "crafted", "intervention", "solo-ranking",
         "validation-direction",
@@ -155,6 +171,7 @@ class CausalGuard:
         while True:
             evidence = self.evidence([clients[i] for i in active], sketches[active], measured.subset(active))
             findings = {name: DETECTORS[name]().inspect(evidence) for name in self.detectors}
+            findings = excuse(findings, helpful_clients(findings, min_pooled_help=self.min_pooled_help))
             combined = combine_by_family({name: f.p_values for name, f in findings.items()})
             assessment.record(active, evidence, findings, combined)
             overwhelming = combined <= self.overwhelming_p
@@ -206,6 +223,10 @@ class CausalGuard:
                  quarantined: bool) -> list[str]:
         reasons = [f"{name}: {found.reasons[name][i]}" for name, p in found.p_values.items()
                    if p[i] < self.evidence_level and found.reasons[name][i]]
+        for name, p in found.excused.get(i, {}).items():
+            if p < self.evidence_level:
+                reasons.append(f"excused {name} (p {p:.2g}, {found.reasons[name][i]}): "
+                               f"{found.reasons['validation-direction'][i]}")
         if quarantined and not rejected:
             reasons.append(f"flagged in {sum(memory.recent_flags)} of the last {len(memory.recent_flags)} rounds")
         if combined < found.this_round[i]:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from common.data import Split
-from server.detectors import ClientMemory, Measurements
+from server.detectors import DETECTORS, ClientMemory, Measurements
 from server.guard import CausalGuard
 from server.guard_round import ValidationProbe, ranking_alignments
 
@@ -89,3 +89,40 @@ def test_accumulated_evidence_survives_a_saved_state():
     older = memory.as_dict() | {"ranking_z": [1.5]}  # saved before several detectors accumulated
     del older["past_z"]
     assert list(ClientMemory.from_dict(older).z_history("solo-ranking")) == [1.5]
+
+
+def _steady_then_sudden(cosine_now: float, past_cosine: float = 0.3) -> tuple[CausalGuard, list]:
+    """Eight hospitals for five rounds, then hospital h3 changes its habit suddenly (same
+    size, another direction); its updates had ``past_cosine`` with the validation ranking,
+    this one ``cosine_now``."""
+    rng = np.random.default_rng(3)
+    guard, clients = CausalGuard(), [f"h{i}" for i in range(8)]
+    scales, errors = np.linspace(0.7, 1.4, 8)[:, None], np.full(8, 0.05)
+    habit, cosines = 2 * rng.normal(size=512), np.full(8, 0.1)
+    for _ in range(5):
+        sketches = rng.normal(size=(8, 512)) * scales
+        sketches[3] += habit
+        cosines[3] = past_cosine
+        guard.judge(clients, sketches, Measurements(ranking_alignments=cosines.copy(), ranking_errors=errors))
+    sketches = rng.normal(size=(8, 512)) * scales
+    sketches[3] += 2 * rng.normal(size=512)
+    cosines[3] = cosine_now
+    verdicts, _ = guard.judge(clients, sketches, Measurements(ranking_alignments=cosines, ranking_errors=errors))
+    return guard, verdicts
+
+
+def test_a_change_of_habit_that_helps_the_validation_ranking_is_excused():
+    """A sudden change is evidence (the forecast) unless the client's updates, this one too,
+    point with what ranks the clean validation cases: then it is learning, and must not be
+    flagged, or its history would stop learning and the flag would feed itself."""
+    _, unhelpful = _steady_then_sudden(cosine_now=0.0, past_cosine=0.1)
+    assert unhelpful[3].flagged and unhelpful[3].p_values["forecast"] < 1e-3
+    guard, helpful = _steady_then_sudden(cosine_now=0.3)
+    assert not helpful[3].flagged and helpful[3].p_values["forecast"] == 1.0
+    assert any(r.startswith("excused forecast") for r in helpful[3].reasons), helpful[3].reasons
+    _, turned = _steady_then_sudden(cosine_now=-0.05)  # a helpful past does not cover a turn
+    assert turned[3].flagged
+
+
+def test_only_habit_detectors_are_excused():
+    assert {name for name, d in DETECTORS.items() if d.habit_only} == {"forecast", "alignment"}
