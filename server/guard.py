@@ -29,6 +29,10 @@ p-value with an explanation:
   from the first round would otherwise be its own yardstick) nor the other clients (being
   the least helpful is no harm).
 
+Forecast and alignment ask only whether a client changed its habit; a client whose
+updates point with the validation ranking (``validation-direction``, over its recent rounds
+and not against it this round) has that evidence excused: its change is learning.
+
 The p-values are combined per client (Bonferroni within detector families, then across
 them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yardsticks
 (the median update, the consensus direction, the spread of norms) are computed again
