@@ -44,7 +44,7 @@ class ClientMemory:
     alignment: float | None = None  # EWMA forecast of its cosine with the consensus
     recent_flags: deque = field(default_factory=lambda: deque(maxlen=3))
     recent_p: deque = field(default_factory=lambda: deque(maxlen=3))  # combined p-values of its last rounds
-    solo_change: float | None = None  # EWMA forecast of its model-alone AUROC change
+    solo_change: float | None = None  # EWMA forecast of its model-alone AUROC change, less the round's median
     log_surprise: float | None = None  # EWMA of how far it usually departs from its own forecast (log)
     past_z: dict[str, deque] = field(default_factory=dict)  # per accumulating detector: its z of past rounds
 
@@ -257,7 +257,12 @@ class SoloRankingDetector(Detector):
     model only roughly, but an attacker is among the worst every round, an honest hospital
     only now and then. As for the forecast, the yardstick is the client's own accepted
     history where it has one: a hospital whose cases always rank the validation set a
-    little worse (another prevalence, other shortcuts) is not blamed for it every round."""
+    little worse (another prevalence, other shortcuts) is not blamed for it every round.
+
+    Both are relative to the round's median change: as the model converges, every
+    client's model alone gains less, and a history that stopped learning (a client once
+    flagged) would otherwise read that common drift as the client's growing harm (seed 4:
+    honest hospitals flagged from round 3 to the end, z 6 by round 3)."""
 
     name = "solo-ranking"
     family = "intervention"
@@ -268,16 +273,16 @@ class SoloRankingDetector(Detector):
         if changes is None or not np.isfinite(changes).all():
             return Finding(np.ones(n), [""] * n)  # no ranking to compare (e.g. a one-class validation set)
         drop = -changes
-        median = float(np.median(changes))
-        expected = np.array([m.solo_change if m.solo_change is not None else median for m in evidence.memories])
-        surprise = expected - changes  # > 0: worse than its own record
+        relative = changes - np.median(changes)
+        expected = np.array([m.solo_change if m.solo_change is not None else 0.0 for m in evidence.memories])
+        surprise = expected - relative  # > 0: worse than its own record, beyond the round's common change
         z = np.clip(surprise / max(robust_spread(drop), 1e-6), -3.0, 6.0)  # one freak round must not dominate the sum
         pooled = np.array([stouffer([*m.z_history(self.name), value]) for m, value in zip(evidence.memories, z)])
         # Normal tail: a sum over rounds of clipped scores is no longer heavy-tailed.
         p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
         reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over "
                    f"{len(m.z_history(self.name)) + 1} rounds)" for c, s, m in zip(changes, pooled, evidence.memories)]
-        return Finding(p_values, reasons, {"z": z})
+        return Finding(p_values, reasons, {"z": z, "relative": relative})
 
 
 class ValidationDirectionDetector(Detector):

@@ -97,6 +97,7 @@ class Assessment:
     residuals: np.ndarray
     log_surprises: np.ndarray
     alignments: np.ndarray
+    solo_relative: np.ndarray  # its model-alone AUROC change less the round's median (NaN: not measured)
     round_z: dict[str, np.ndarray]  # accumulating detectors' scores this round (NaN: none given)
     edges: list[tuple[str, str, float]]
     set_aside: list[str] = field(default_factory=list)  # clients left out of later passes' yardsticks
@@ -105,7 +106,7 @@ class Assessment:
     @classmethod
     def empty(cls, n: int, k: int, detectors: tuple[str, ...]) -> Assessment:
         return cls(np.ones(n), {d: np.ones(n) for d in detectors}, {d: [""] * n for d in detectors},
-                   np.zeros((n, k)), np.zeros(n), np.zeros(n), {}, [])
+                   np.zeros((n, k)), np.zeros(n), np.zeros(n), np.full(n, np.nan), {}, [])
 
     def record(self, indices: np.ndarray, evidence: RoundEvidence, findings: dict[str, Finding],
                combined: np.ndarray) -> None:
@@ -118,6 +119,8 @@ class Assessment:
                 self.p_values[name][i], self.reasons[name][i] = finding.p_values[j], finding.reasons[j]
                 if "unexcused_p" in finding.extra and finding.p_values[j] > finding.extra["unexcused_p"][j]:
                     self.excused.setdefault(i, {})[name] = float(finding.extra["unexcused_p"][j])
+                if "relative" in finding.extra:
+                    self.solo_relative[i] = finding.extra["relative"][j]
                 if "z" in finding.extra:
                     self.round_z.setdefault(name, np.full(len(self.this_round), np.nan))[i] = finding.extra["z"][j]
         known = {(a, b) for a, b, _ in self.edges}
@@ -189,7 +192,6 @@ class CausalGuard:
     ) -> tuple[list[Verdict], dict]:
         """Verdicts for this round's clients, and the dependency graph's edges."""
         found = self.assess(clients, sketches, measured)
-        solo_changes = None if measured is None else measured.solo_auroc_changes
         memories = [self.memories[c] for c in clients]
         combined = np.array([accumulate_over_rounds(float(p), list(m.recent_p))
                              for p, m in zip(found.this_round, memories)])
@@ -211,8 +213,7 @@ class CausalGuard:
             # first rounds (a minority hospital often is) must not be held for ever to
             # the other hospitals' yardstick instead of its own.
             if weight > 0:
-                solo = None if solo_changes is None else float(solo_changes[i])
-                solo = solo if solo is not None and math.isfinite(solo) else None
+                solo = float(found.solo_relative[i]) if math.isfinite(found.solo_relative[i]) else None
                 # How far it departs from a forecast is known only once it had one.
                 surprise = None if memory.residual is None else float(found.log_surprises[i])
                 memory.remember(residual=found.residuals[i], log_norm=float(norms[i]),

@@ -126,3 +126,21 @@ def test_a_change_of_habit_that_helps_the_validation_ranking_is_excused():
 
 def test_only_habit_detectors_are_excused():
     assert {name for name, d in DETECTORS.items() if d.habit_only} == {"forecast", "alignment"}
+
+
+def test_solo_ranking_does_not_blame_a_client_for_the_rounds_common_drift():
+    """As the model converges every client's model alone gains less (here, 0.04 AUROC less
+    each round); a hospital always a little worse than the others is no more suspect for
+    it, while one that suddenly falls far below them is."""
+    rng = np.random.default_rng(4)
+    guard, clients = CausalGuard(detectors=("solo-ranking",)), [f"h{i}" for i in range(8)]
+    for round_ in range(6):
+        changes = 0.06 - 0.04 * round_ + rng.normal(0, 0.01, 8)
+        changes[0] -= 0.04  # always a little worse
+        verdicts, _ = guard.judge(clients, rng.normal(size=(8, 64)), Measurements(solo_auroc_changes=changes))
+        assert not any(v.flagged for v in verdicts), (round_, [v.reasons for v in verdicts if v.flagged])
+    for round_ in range(6, 8):
+        changes = 0.06 - 0.04 * round_ + rng.normal(0, 0.01, 8)
+        changes[5] -= 0.15  # suddenly far below the others, from now on
+        verdicts, _ = guard.judge(clients, rng.normal(size=(8, 64)), Measurements(solo_auroc_changes=changes))
+    assert [v.client for v in verdicts if v.flagged] == ["h5"]
