@@ -23,6 +23,7 @@ p-value with an explanation:
   this client's alone. Leaving one of ten out moves the aggregate by a tenth; applying one
   alone moves it fully. AUROC, not loss: a hospital with another prevalence shifts the
   bias and so the loss, while flipped labels or a flipped update reverse the ranking.
+  Relative to the round's median change, which is the model's convergence.
 - ``validation-direction``: the first-order intervention, whether the update points with
   or against the descent direction of a ranking loss on the validation set, in units of
   its bootstrap error. Judged against zero, not the client's history (an attacker present
