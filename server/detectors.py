@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from scipy.stats import norm
+from sklearn.metrics.pairwise import cosine_similarity
 
 from server.guard_stats import (
     partial_correlations,
@@ -53,11 +54,20 @@ class ClientMemory:
 
     def remember(
         self, *, residual: np.ndarray, log_norm: float, alignment: float, solo_change: float | None,
-        log_surprise: float | None, smoothing: float,
+        log_surprise: float | None, smoothing: float, trust: float = 1.0, typical_log_norm: float | None = None,
     ) -> None:
-        """Move every forecast towards this round's value (exponentially weighted)."""
-        self.residual = residual.copy() if self.residual is None else _ewma(self.residual, residual, smoothing)
-        self.log_norm = _ewma(self.log_norm, log_norm, smoothing)
+        """Move every forecast towards this round's value (exponentially weighted).
+
+        A first round teaches ``trust`` of the way from the yardstick used without a
+        history (no departure from the consensus; the round's typical norm) to its value:
+        three boosted backdoor updates, down-weighted in round 1, had otherwise made the
+        boosted norm their own yardstick from round 2 on (seed 5, never caught).
+        """
+        self.residual = trust * residual if self.residual is None else _ewma(self.residual, residual, smoothing)
+        if self.log_norm is None and typical_log_norm is not None:
+            self.log_norm = typical_log_norm + trust * (log_norm - typical_log_norm)
+        else:
+            self.log_norm = _ewma(self.log_norm, log_norm, smoothing)
         self.alignment = _ewma(self.alignment, alignment, smoothing)
         if solo_change is not None:
             self.solo_change = _ewma(self.solo_change, solo_change, smoothing)
@@ -213,14 +223,17 @@ class DependenceDetector(Detector):
     min_partial_correlation: ClassVar[float] = 0.8
 
     # Three or more near-copies explain each other away in partial correlations, so a
-    # near-duplicate (plain correlation this high) is an edge too.
+    # near-duplicate (plain correlation this high) is an edge too. Near-duplicate updates,
+    # not only innovations: a large group (three boosted backdoor updates) pulls the
+    # median, and every innovation of the hospitals it pulls away from then shares that
+    # shift (seed 5: two honest hospitals at plain correlation 0.91, updates' cosine 0.75).
     min_correlation: ClassVar[float] = 0.9
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
         n, k = evidence.innovations.shape
         partial = partial_correlations(evidence.innovations)
         plain = np.nan_to_num(np.corrcoef(evidence.innovations))
-        copies = np.abs(plain) >= self.min_correlation
+        copies = (np.abs(plain) >= self.min_correlation) & (cosine_similarity(evidence.sketches) >= self.min_correlation)
         partial = np.where(copies & (np.abs(plain) > np.abs(partial)), plain, partial)
         fisher = np.arctanh(np.clip(partial, -0.999999, 0.999999)) * math.sqrt(max(k - n - 1, 1))
         strong = (np.abs(partial) >= self.min_partial_correlation) | copies

@@ -195,6 +195,20 @@ def test_three_near_copies_are_all_linked():
     assert [v.client for v in verdicts if v.flagged] == ["h1", "h2", "h3"]
 
 
+def test_a_minority_cluster_of_hospitals_is_not_a_set_of_copies():
+    """Three hospitals unlike the other seven share their departure from the median (the
+    median sits among the seven), so their innovations correlate at 0.91; their updates
+    themselves (cosine 0.7) are no copies, and must not be linked as such."""
+    rng = np.random.default_rng(0)
+    majority = rng.normal(size=512)
+    sketches = np.stack([majority + 0.5 * rng.normal(size=512) for _ in range(10)])
+    for i in (7, 8, 9):
+        sketches[i] = -0.8 * majority + 0.5 * rng.normal(size=512)
+    found = CausalGuard(detectors=("dependence",)).assess([f"h{i}" for i in range(10)], sketches)
+    assert np.corrcoef(found.residuals[7:]).min() > 0.9
+    assert found.edges == [] and (found.p_values["dependence"] == 1.0).all()
+
+
 def test_solo_ranking_blames_harm_not_difference():
     """A hospital whose model alone always ranks the validation cases a little worse is
     forgiven once its history is known (though down-weighted in its first round, that round
@@ -269,6 +283,17 @@ def test_a_resumed_run_remembers_who_was_suspect(guarded, tmp_path):
     run_scenario(scenario, run_dir=tmp_path / "crashed", resume=True)
     straight, resumed = _reports(tmp_path / "straight")[-1], _reports(tmp_path / "crashed")[-1]
     assert resumed["round"] == 3 and resumed["verdicts"] == straight["verdicts"]
+
+
+def test_a_first_round_teaches_a_history_as_much_as_it_was_trusted():
+    """Down-weighted in its first round (half trusted), a boosted update moves its history
+    only half way from the round's typical norm: it must not become its own yardstick."""
+    trusted, halved = ClientMemory(), ClientMemory()
+    for memory, trust in ((trusted, 1.0), (halved, 0.5)):
+        memory.remember(residual=np.full(4, 2.0), log_norm=1.0, alignment=0.1, solo_change=None, log_surprise=None,
+                        smoothing=0.5 * trust, trust=trust, typical_log_norm=-0.4)
+    assert trusted.log_norm == pytest.approx(1.0) and np.allclose(trusted.residual, 2.0)
+    assert halved.log_norm == pytest.approx(0.3) and np.allclose(halved.residual, 1.0)
 
 
 def test_a_borderline_update_is_shrunk_to_a_typical_size():
