@@ -42,7 +42,8 @@ others otherwise make honest outliers look odd. Suspicion accumulates across rou
 client's p-value is combined with its last rounds' (Fisher's method, which treats rounds
 as independent), a client flagged in enough of the recent rounds stays excluded until it
 behaves, and a round teaches a client's history as much as it was trusted (a flagged round
-not at all). Flagged updates are excluded from the aggregate. Borderline ones are
+not at all; a first round that much of the way from the yardstick used without a
+history). Flagged updates are excluded from the aggregate. Borderline ones are
 down-weighted (and, in the strategy, bounded in size).
 """
 
