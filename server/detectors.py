@@ -233,7 +233,8 @@ class DependenceDetector(Detector):
         n, k = evidence.innovations.shape
         partial = partial_correlations(evidence.innovations)
         plain = np.nan_to_num(np.corrcoef(evidence.innovations))
-        copies = (np.abs(plain) >= self.min_correlation) & (cosine_similarity(evidence.sketches) >= self.min_correlation)
+        near_identical = cosine_similarity(evidence.sketches) >= self.min_correlation
+        copies = (np.abs(plain) >= self.min_correlation) & near_identical
         partial = np.where(copies & (np.abs(plain) > np.abs(partial)), plain, partial)
         fisher = np.arctanh(np.clip(partial, -0.999999, 0.999999)) * math.sqrt(max(k - n - 1, 1))
         strong = (np.abs(partial) >= self.min_partial_correlation) | copies
@@ -384,14 +385,12 @@ def excuse(findings: dict[str, Finding], helpful: np.ndarray) -> dict[str, Findi
     detectors are excused: a boosted or crafted update may point the right way too, and
     is caught by its size or regularity.
     """
-    excused = {}
-    for name, finding in findings.items():
-        if not DETECTORS[name].habit_only or not helpful.any():
-            excused[name] = finding
-            continue
-        excused[name] = Finding(np.where(helpful, 1.0, finding.p_values), finding.reasons,
-                                {**finding.extra, "unexcused_p": finding.p_values})
-    return excused
+    if not helpful.any():
+        return findings
+    return {name: Finding(np.where(helpful, 1.0, finding.p_values), finding.reasons,
+                          {**finding.extra, "unexcused_p": finding.p_values})
+            if DETECTORS[name].habit_only else finding
+            for name, finding in findings.items()}
 
 
 def combine_by_family(p_values: dict[str, np.ndarray]) -> np.ndarray:
