@@ -107,8 +107,9 @@ class Assessment:
 
     @classmethod
     def empty(cls, n: int, k: int, detectors: tuple[str, ...]) -> Assessment:
-        return cls(np.ones(n), {d: np.ones(n) for d in detectors}, {d: [""] * n for d in detectors},
-                   np.zeros((n, k)), np.zeros(n), np.zeros(n), np.full(n, np.nan), {}, [])
+        return cls(this_round=np.ones(n), p_values={d: np.ones(n) for d in detectors},
+                   reasons={d: [""] * n for d in detectors}, residuals=np.zeros((n, k)), log_surprises=np.zeros(n),
+                   alignments=np.zeros(n), solo_relative=np.full(n, np.nan), round_z={}, edges=[])
 
     def record(self, indices: np.ndarray, evidence: RoundEvidence, findings: dict[str, Finding],
                combined: np.ndarray) -> None:
