@@ -54,7 +54,7 @@ class ClientMemory:
 
     def remember(
         self, *, residual: np.ndarray, log_norm: float, alignment: float, solo_change: float | None,
-        log_surprise: float | None, smoothing: float, trust: float = 1.0, typical_log_norm: float | None = None,
+        log_surprise: float | None, smoothing: float, trust: float, typical_log_norm: float,
     ) -> None:
         """Move every forecast towards this round's value (exponentially weighted).
 
@@ -64,7 +64,7 @@ class ClientMemory:
         boosted norm their own yardstick from round 2 on (seed 5, never caught).
         """
         self.residual = trust * residual if self.residual is None else _ewma(self.residual, residual, smoothing)
-        if self.log_norm is None and typical_log_norm is not None:
+        if self.log_norm is None:
             self.log_norm = typical_log_norm + trust * (log_norm - typical_log_norm)
         else:
             self.log_norm = _ewma(self.log_norm, log_norm, smoothing)
