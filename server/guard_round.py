@@ -79,6 +79,21 @@ class ValidationProbe:
     def auroc(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
         return auroc(labels=self.split.labels, scores=self._logits(flat, names, shapes).numpy())
 
+    def _flat(self, grads: dict[str, torch.Tensor], names: list[str], shapes: list[tuple[int, ...]]) -> np.ndarray:
+        return np.concatenate([
+            grads[name].numpy().astype(np.float64).ravel() if name in grads else np.zeros(int(np.prod(shape)))
+            for name, shape in zip(names, shapes)
+        ])
+
+    def common_shift(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> np.ndarray:
+        """The gradient at ``flat`` of the mean score over the validation cases (flat, in
+        ``names`` order; zero for buffers): the direction that moves every case's score
+        together, which is what a hospital's prevalence pushes along."""
+        model = self._model(flat, names, shapes)
+        parameters = dict(model.named_parameters())
+        grads = torch.autograd.grad(model(self._images()).mean(), list(parameters.values()))
+        return self._flat(dict(zip(parameters, grads)), names, shapes)
+
     def ranking_gradients(
         self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]], *, resamples: int, seed: int = 0
     ) -> Iterator[np.ndarray]:
@@ -103,12 +118,21 @@ class ValidationProbe:
             if chosen_labels.min() == chosen_labels.max():
                 continue  # a resample with one class ranks nothing
             margins = chosen[chosen_labels == 1][:, None] - chosen[chosen_labels == 0][None, :]
-            grads = dict(zip(parameters, torch.autograd.grad(F.softplus(-margins).mean(), list(parameters.values()),
-                                                             retain_graph=True)))
-            yield np.concatenate([
-                grads[name].numpy().astype(np.float64).ravel() if name in grads else np.zeros(int(np.prod(shape)))
-                for name, shape in zip(names, shapes)
-            ])
+            grads = torch.autograd.grad(F.softplus(-margins).mean(), list(parameters.values()), retain_graph=True)
+            yield self._flat(dict(zip(parameters, grads)), names, shapes)
+
+
+def without_common_shift(vectors: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``vectors`` (one per row) less their component along ``shift``.
+
+    Why: in a network with rectified features, a push of every score down (a hospital with
+    few positives, early on) moves the cases with the strongest features, the lesions, down
+    the most. That reverses the ranking nearly as much as flipped labels do: on seed 6, two
+    honest low-prevalence hospitals' models alone lost 0.13 validation AUROC in round 1,
+    the label-flipper's 0.20. Without the shift, theirs lost 0.01 and the flipper's 0.18.
+    """
+    unit = shift / (np.linalg.norm(shift) + 1e-12)
+    return vectors - np.outer(vectors @ unit, unit)
 
 
 def leave_one_out_effects(
@@ -130,7 +154,9 @@ def solo_auroc_changes(
     """Validation AUROC of each client's model alone minus that of the model it started from.
 
     A ranking measure: a hospital whose prevalence differs moves the bias, and with it the
-    log-loss, but not the ranking; flipped labels or a flipped update reverse the ranking.
+    log-loss, while flipped labels or a flipped update reverse the ranking. (Through the
+    features, a prevalence moves the ranking too: ``guard_replies`` passes the models
+    without their common shift, ``without_common_shift``.)
     """
     before = probe.auroc(start, names, shapes)
     return np.array([probe.auroc(v, names, shapes) - before for v in vectors])
@@ -138,19 +164,24 @@ def solo_auroc_changes(
 
 def ranking_alignments(
     deltas: np.ndarray, start: np.ndarray, probe: ValidationProbe, names: list[str], shapes: list[tuple[int, ...]],
-    *, resamples: int = 40,
+    *, resamples: int = 40, shift: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine of each update with the descent direction of the validation ranking loss at
     the round's start (``deltas``: one update per row), and its bootstrap standard error
-    (NaN without a ranking).
+    (NaN without a ranking). With ``shift``, both are taken without their common shift
+    (``without_common_shift``), so prevalence counts neither for nor against.
 
     The error is what 200 validation cases leave unsure: their direction is only an
     estimate of the population's. Linear in the parameters: a dot product per client and
     resample.
     """
+    if shift is not None:
+        deltas = without_common_shift(deltas, shift)
     lengths = np.linalg.norm(deltas, axis=1) + 1e-12
-    cosines = [-(deltas @ g) / (lengths * (np.linalg.norm(g) + 1e-12))
-               for g in probe.ranking_gradients(start, names, shapes, resamples=resamples)]
+    directions = probe.ranking_gradients(start, names, shapes, resamples=resamples)
+    if shift is not None:
+        directions = (without_common_shift(g[None, :], shift)[0] for g in directions)
+    cosines = [-(deltas @ g) / (lengths * (np.linalg.norm(g) + 1e-12)) for g in directions]
     if len(cosines) < 3:
         return np.full(len(deltas), np.nan), np.full(len(deltas), np.nan)
     return cosines[0], np.std(cosines[1:], axis=0, ddof=1)
@@ -174,8 +205,12 @@ def guard_replies(
     measured, base = Measurements(samples=samples), None
     if probe is not None:
         measured.loo_effects, base = leave_one_out_effects(vectors, weights, probe, names, shapes)
-        measured.solo_auroc_changes = solo_auroc_changes(vectors, start, probe, names, shapes)
-        measured.ranking_alignments, measured.ranking_errors = ranking_alignments(deltas, start, probe, names, shapes)
+        # The ranking measures judge updates without their common shift (prevalence, not harm).
+        shift = probe.common_shift(start, names, shapes)
+        measured.solo_auroc_changes = solo_auroc_changes(start + without_common_shift(deltas, shift), start, probe,
+                                                         names, shapes)
+        measured.ranking_alignments, measured.ranking_errors = ranking_alignments(deltas, start, probe, names, shapes,
+                                                                                  shift=shift)
     verdicts, graph = guard.judge(sites, sketches, measured)
     graph["validation_loss"] = base
     graph["update_norms"] = np.linalg.norm(deltas, axis=1)  # the strategy bounds borderline updates by their median

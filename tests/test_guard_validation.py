@@ -8,7 +8,7 @@ import torch
 from common.data import Split
 from server.detectors import DETECTORS, ClientMemory, Measurements
 from server.guard import CausalGuard
-from server.guard_round import ValidationProbe, ranking_alignments
+from server.guard_round import ValidationProbe, ranking_alignments, solo_auroc_changes, without_common_shift
 
 
 class _Linear(torch.nn.Module):
@@ -39,6 +39,40 @@ def test_the_ranking_direction_ignores_the_bias_and_points_at_what_ranks():
     cosines, errors = ranking_alignments(np.stack([learns, -learns, shifts_bias]), start, probe, names, shapes)
     assert cosines[0] > 0.9 and cosines[1] < -0.9 and abs(cosines[2]) < 1e-6
     assert 0 < errors[0] < 0.05  # 300 cases pin the direction down
+
+
+class _Rectified(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = torch.nn.Linear(3, 8)
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(images))).squeeze(-1)
+
+
+def test_a_push_of_every_score_is_prevalence_not_harm():
+    """Through rectified features, pushing every score down (a hospital with few positives)
+    moves the lesions, whose features are strongest, down the most: the ranking reverses and
+    even a hospital that also learns what ranks looks harmful (seed 6's low-prevalence
+    hospitals, in the benchmark). Without the common shift, the push is neither for nor
+    against the ranking, the learner helps and a flipped update still hurts."""
+    probe = _probe(np.random.default_rng(3))
+    probe.build_model = _Rectified
+    state = _Rectified().state_dict()
+    names, shapes = list(state), [tuple(v.shape) for v in state.values()]
+    start = np.concatenate([v.numpy().astype(np.float64).ravel() for v in state.values()])
+    shift = probe.common_shift(start, names, shapes)
+    ranks = -next(probe.ranking_gradients(start, names, shapes, resamples=0))
+    push, ranks = -2 * shift / np.linalg.norm(shift), 0.5 * ranks / np.linalg.norm(ranks)
+    deltas = np.stack([push, push + ranks, push - ranks])
+    raw = solo_auroc_changes(start + deltas, start, probe, names, shapes)
+    assert raw.max() < -0.2  # all three look harmful
+    changes = solo_auroc_changes(start + without_common_shift(deltas, shift), start, probe, names, shapes)
+    assert changes[0] == 0.0 and changes[1] > 0.05 and changes[2] < -0.2
+    cosines, _ = ranking_alignments(deltas, start, probe, names, shapes, resamples=5, shift=shift)
+    assert abs(cosines[0]) < 1e-4 and cosines[1] > 0.9 and cosines[2] < -0.9
 
 
 def test_a_one_class_validation_set_gives_no_direction():
