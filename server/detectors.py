@@ -305,7 +305,8 @@ class ValidationDirectionDetector(Detector):
     pairwise ranking loss on them (``server/guard_round.py``).
 
     Pairwise, every positive against every negative, so the bias cancels: a hospital with
-    another prevalence moves the bias, not the ranking. Shortcuts tell nothing on the
+    another prevalence moves the bias, not the ranking. (What a prevalence moves through the
+    features, the update's common shift, is taken out before: ``server/guard_round.py``.) Shortcuts tell nothing on the
     validation cases (their correlation with the label is 0.5), so learning one moves
     across this direction, not against it. A flipped update, or one learnt from flipped
     labels, points against it.

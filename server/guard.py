@@ -30,6 +30,10 @@ p-value with an explanation:
   from the first round would otherwise be its own yardstick) nor the other clients (being
   the least helpful is no harm).
 
+Both ranking measures take an update without its common shift, the part that moves every
+validation score together (``server/guard_round.py``, ``without_common_shift``): that part
+is a hospital's prevalence, and through rectified features it moves the ranking too.
+
 Forecast and alignment ask only whether a client changed its habit; a client whose
 updates point with the validation ranking (``validation-direction``, over its recent rounds
 and not against it this round) has that evidence excused: its change is learning.
