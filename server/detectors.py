@@ -326,6 +326,10 @@ class ValidationDirectionDetector(Detector):
     # off by up to 2.3 errors. With twice the error, every honest hospital's z stayed
     # under 1.8 in every round of the seed-1 benign run.
     error_inflation: ClassVar[float] = 2.0
+    # A cosine this small is no direction, whatever its error: a Gaussian-noise update's is
+    # 0.00 +/- 0.00 every round (seed 8), which read as z -3, helpful, and so excused its
+    # change of habit. Honest updates' cosines are 0.1-0.45, flipped ones' -0.1 to -0.46.
+    min_cosine: ClassVar[float] = 0.05
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
         n, measured = len(evidence.clients), evidence.measured
@@ -334,6 +338,7 @@ class ValidationDirectionDetector(Detector):
             return Finding(np.ones(n), [""] * n)  # no validation set, or a one-class one
         # > 0: against the ranking. Clipped: one freak round must not dominate the sum.
         z = np.clip(-cosines / np.maximum(self.error_inflation * errors, 1e-6), -3.0, 6.0)
+        z = np.where(np.abs(cosines) < self.min_cosine, 0.0, z)
         pooled = np.array([stouffer([*m.z_history(self.name), value]) for m, value in zip(evidence.memories, z)])
         reasons = [f"its update points {'against' if c < 0 else 'with'} the validation ranking (cosine {c:+.2f} "
                    f"+/- {e:.2f}; z {s:+.1f} over {len(m.z_history(self.name)) + 1} rounds)"
@@ -368,12 +373,12 @@ class CraftedDetector(Detector):
 
 def helpful_clients(findings: dict[str, Finding], *, min_pooled_help: float) -> np.ndarray:
     """Clients whose updates, this round's included, point with the validation ranking:
-    over their recent rounds by at least ``min_pooled_help`` (pooled z), and not against
-    it this round (so a client that turns is not covered by its past)."""
+    over their recent rounds by at least ``min_pooled_help`` (pooled z), and this round's
+    too (so a client that turns, or stops pointing anywhere, is not covered by its past)."""
     direction = findings.get("validation-direction")
     if direction is None or "pooled" not in direction.extra:
         return np.zeros(len(next(iter(findings.values())).p_values), dtype=bool)
-    return (direction.extra["pooled"] <= -min_pooled_help) & (direction.extra["z"] <= 0)
+    return (direction.extra["pooled"] <= -min_pooled_help) & (direction.extra["z"] < 0)
 
 
 def excuse(findings: dict[str, Finding], helpful: np.ndarray) -> dict[str, Finding]:

@@ -115,6 +115,21 @@ def test_an_update_against_the_validation_ranking_is_harm_however_long_it_has_be
     assert p_of_h7(crowded) == p_of_h7(np.where(crowded < -0.3, 0.2, crowded))
 
 
+def test_a_direction_too_small_to_matter_is_neither_harm_nor_help():
+    """A Gaussian-noise update's cosine with the ranking direction is 0.00 +/- 0.00 every
+    round (seed 8 in the benchmark). Divided by its tiny error it read as z -3 (helpful,
+    so its change of habit was excused) or, with the other sign, z +6 (harm)."""
+    guard, clients = CausalGuard(detectors=("validation-direction",)), [f"h{i}" for i in range(6)]
+    cosines = np.array([0.003, -0.004, 0.2, 0.25, 0.15, -0.3])
+    errors = np.array([0.0002, 0.0002, 0.05, 0.05, 0.05, 0.05])
+    for _ in range(4):
+        verdicts, _ = guard.judge(clients, np.ones((6, 8)), Measurements(ranking_alignments=cosines,
+                                                                         ranking_errors=errors))
+    assert [v.client for v in verdicts if v.flagged] == ["h5"]
+    assert [list(guard.memories[c].z_history("validation-direction")) for c in ("h0", "h1")] == [[0.0] * 4] * 2
+    assert max(guard.memories["h2"].z_history("validation-direction")) < -1
+
+
 def test_accumulated_evidence_survives_a_saved_state():
     memory = ClientMemory()
     memory.z_history("validation-direction").extend([2.0, 2.5])
