@@ -36,7 +36,7 @@ is a hospital's prevalence, and through rectified features it moves the ranking 
 
 Forecast and alignment ask only whether a client changed its habit; a client whose
 updates point with the validation ranking (``validation-direction``, over its recent rounds
-and not against it this round) has that evidence excused: its change is learning.
+and with it this round too) has that evidence excused: its change is learning.
 
 The p-values are combined per client (Bonferroni within detector families, then across
 them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yardsticks
