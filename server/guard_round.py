@@ -52,6 +52,15 @@ def bounded_update(vector: np.ndarray, start: np.ndarray, *, max_norm: float) ->
     return vector if norm <= max_norm else start + delta * (max_norm / norm)
 
 
+def _flat_gradient(grads: dict[str, torch.Tensor], names: list[str], shapes: list[tuple[int, ...]]) -> np.ndarray:
+    """Named gradients as one float64 vector in ``names`` order; zero where a name has none
+    (buffers)."""
+    return np.concatenate([
+        grads[name].numpy().astype(np.float64).ravel() if name in grads else np.zeros(int(np.prod(shape)))
+        for name, shape in zip(names, shapes)
+    ])
+
+
 @dataclass
 class ValidationProbe:
     """The server's small clean validation set, and how to score a flat parameter vector."""
@@ -79,12 +88,6 @@ class ValidationProbe:
     def auroc(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
         return auroc(labels=self.split.labels, scores=self._logits(flat, names, shapes).numpy())
 
-    def _flat(self, grads: dict[str, torch.Tensor], names: list[str], shapes: list[tuple[int, ...]]) -> np.ndarray:
-        return np.concatenate([
-            grads[name].numpy().astype(np.float64).ravel() if name in grads else np.zeros(int(np.prod(shape)))
-            for name, shape in zip(names, shapes)
-        ])
-
     def common_shift(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> np.ndarray:
         """The gradient at ``flat`` of the mean score over the validation cases (flat, in
         ``names`` order; zero for buffers): the direction that moves every case's score
@@ -92,7 +95,7 @@ class ValidationProbe:
         model = self._model(flat, names, shapes)
         parameters = dict(model.named_parameters())
         grads = torch.autograd.grad(model(self._images()).mean(), list(parameters.values()))
-        return self._flat(dict(zip(parameters, grads)), names, shapes)
+        return _flat_gradient(dict(zip(parameters, grads)), names, shapes)
 
     def ranking_gradients(
         self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]], *, resamples: int, seed: int = 0
@@ -119,7 +122,7 @@ class ValidationProbe:
                 continue  # a resample with one class ranks nothing
             margins = chosen[chosen_labels == 1][:, None] - chosen[chosen_labels == 0][None, :]
             grads = torch.autograd.grad(F.softplus(-margins).mean(), list(parameters.values()), retain_graph=True)
-            yield self._flat(dict(zip(parameters, grads)), names, shapes)
+            yield _flat_gradient(dict(zip(parameters, grads)), names, shapes)
 
 
 def without_common_shift(vectors: np.ndarray, shift: np.ndarray) -> np.ndarray:
