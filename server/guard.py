@@ -212,7 +212,12 @@ class CausalGuard:
             memory.recent_p.append(float(found.this_round[i]))
             quarantined = sum(memory.recent_flags) >= self.quarantine_after
             flagged = bool(rejected[i]) or quarantined
-            weight = 0.0 if flagged else (0.5 if combined[i] < self.downweight_below else 1.0)
+            # Back from exclusion on probation (half weight, and so bounded in size) while a
+            # flag is in its recent rounds: seed 0's three boosted backdoor updates, released
+            # after two rounds of borderline evidence, came back at full size and wrecked the
+            # model (validation AUROC 0.59).
+            on_probation = any(memory.recent_flags)
+            weight = 0.0 if flagged else (0.5 if combined[i] < self.downweight_below or on_probation else 1.0)
             verdicts.append(Verdict(client, flagged, weight, float(combined[i]),
                                     {name: float(p[i]) for name, p in found.p_values.items()},
                                     self._reasons(found, i, memory, combined[i], rejected[i], quarantined)))
@@ -242,6 +247,9 @@ class CausalGuard:
                                f"{found.reasons['validation-direction'][i]}")
         if quarantined and not rejected:
             reasons.append(f"flagged in {sum(memory.recent_flags)} of the last {len(memory.recent_flags)} rounds")
+        elif any(memory.recent_flags) and not rejected:
+            reasons.append(f"on probation: flagged in {sum(memory.recent_flags)} of the last "
+                           f"{len(memory.recent_flags)} rounds")
         if combined < found.this_round[i]:
             reasons.append(f"evidence over its last {len(memory.recent_p)} rounds: p {combined:.2g} "
                            f"(this round alone {found.this_round[i]:.2g})")

@@ -125,6 +125,22 @@ def test_a_suspicious_round_does_not_teach_the_clients_history():
     assert verdicts[1].weight == 1.0 and guard.memories["h1"].log_norm != honest  # the others' histories move on
 
 
+def test_a_client_back_from_exclusion_is_on_probation():
+    """Released while a flag is in its last rounds, a client counts half (and so its size
+    is bounded by the strategy), though this round's evidence and its recent p-values are
+    clean: seed 0's boosted backdoor updates, flagged on evidence that had added up, came
+    back at full size once it faded. Three rounds without a flag end the probation."""
+    rng = np.random.default_rng(5)
+    guard, clients = CausalGuard(), [f"h{i}" for i in range(10)]
+    guard.judge(clients, rng.normal(size=(10, 512)))
+    guard.memories["h0"].recent_flags.extend([True, False])  # excluded two rounds ago
+    guard.memories["h0"].recent_p.extend([0.5, 0.6])
+    weights = [guard.judge(clients, rng.normal(size=(10, 512)))[0][0] for _ in range(3)]
+    assert [v.flagged for v in weights] == [False] * 3
+    assert [v.weight for v in weights] == [0.5, 1.0, 1.0]
+    assert any(r.startswith("on probation") for r in weights[0].reasons)
+
+
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_every_registered_attack_crafts_a_distinct_update(name):
     rng = np.random.default_rng(4)
