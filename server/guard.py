@@ -45,9 +45,9 @@ without clients whose evidence is overwhelming: attackers sitting in the middle 
 others otherwise make honest outliers look odd. Suspicion accumulates across rounds: each
 client's p-value is combined with its last rounds' (Fisher's method, which treats rounds
 as independent), a client flagged in enough of the recent rounds stays excluded until it
-behaves (and then comes back on probation, as borderline), and a round teaches a client's history as much as it was trusted (a flagged round
-not at all; a first round that much of the way from the yardstick used without a
-history). Flagged updates are excluded from the aggregate. Borderline ones are
+behaves (and then comes back on probation, as borderline), and a round teaches a client's
+history as much as it was trusted (a flagged round not at all; a first round that much of
+the way from the yardstick used without a history). Flagged updates are excluded from the aggregate. Borderline ones are
 down-weighted (and, in the strategy, bounded in size).
 """
 
@@ -220,7 +220,8 @@ class CausalGuard:
             weight = 0.0 if flagged else (0.5 if combined[i] < self.downweight_below or on_probation else 1.0)
             verdicts.append(Verdict(client, flagged, weight, float(combined[i]),
                                     {name: float(p[i]) for name, p in found.p_values.items()},
-                                    self._reasons(found, i, memory, combined[i], rejected[i], quarantined)))
+                                    self._reasons(found, i, memory, combined[i], rejected[i], quarantined,
+                                                  on_probation)))
             # A round teaches the forecasts as much as it was trusted: a flagged update must
             # not become its own yardstick, and an honest hospital down-weighted in its
             # first rounds (a minority hospital often is) must not be held for ever to
@@ -238,7 +239,7 @@ class CausalGuard:
         return verdicts, {"edges": found.edges, "set_aside": found.set_aside}
 
     def _reasons(self, found: Assessment, i: int, memory: ClientMemory, combined: float, rejected: bool,
-                 quarantined: bool) -> list[str]:
+                 quarantined: bool, on_probation: bool) -> list[str]:
         reasons = [f"{name}: {found.reasons[name][i]}" for name, p in found.p_values.items()
                    if p[i] < self.evidence_level and found.reasons[name][i]]
         for name, p in found.excused.get(i, {}).items():
@@ -247,7 +248,7 @@ class CausalGuard:
                                f"{found.reasons['validation-direction'][i]}")
         if quarantined and not rejected:
             reasons.append(f"flagged in {sum(memory.recent_flags)} of the last {len(memory.recent_flags)} rounds")
-        elif any(memory.recent_flags) and not rejected:
+        elif on_probation and not rejected:
             reasons.append(f"on probation: flagged in {sum(memory.recent_flags)} of the last "
                            f"{len(memory.recent_flags)} rounds")
         if combined < found.this_round[i]:
