@@ -308,8 +308,8 @@ class ValidationDirectionDetector(Detector):
     another prevalence moves the bias, not the ranking. (What a prevalence moves through
     the features, the update's common shift, is taken out before: ``server/guard_round.py``.)
     Shortcuts tell nothing on the validation cases (their correlation with the label is
-    0.5), so learning one moves across this direction, not against it. A flipped update, or one learnt from flipped
-    labels, points against it.
+    0.5), so learning one moves across this direction, not against it. A flipped update,
+    or one learnt from flipped labels, points against it.
 
     The yardstick is zero, in units of the cosine's bootstrap error: not the client's
     history, since pointing against the clean ranking is harm however long a client has
