@@ -17,6 +17,8 @@ p-value with an explanation:
   independent hospitals do not. The edges form the graph.
 - ``crafted``: an update that departs from the others' mean by the same number of standard
   deviations at every coordinate was computed from their statistics (ALIE, Min-Max).
+- ``data-span``: an update learnt from cases carries far more of its norm along the
+  validation gradients than noise would; a Gaussian-noise update carries only chance's share.
 - ``intervention``: the exact effect of leaving this client out on a small validation
   set held by the server.
 - ``solo-ranking``: the other intervention, the validation AUROC if the round's model were
@@ -152,8 +154,8 @@ class CausalGuard:
     # (``server/detectors.py``, ``excuse``). 2: seed 2's hospital 08 pooled -2.6 to -3.
     min_pooled_help: float = 2.0
     detectors: tuple[str, ...] = (
-        "forecast", "magnitude", "alignment", "dependence", "crafted", "intervention", "solo-ranking",
-        "validation-direction",
+        "forecast", "magnitude", "alignment", "dependence", "crafted", "data-span", "intervention",
+        "solo-ranking", "validation-direction",
     )
     seed: int = 0
     memories: dict[str, ClientMemory] = field(default_factory=dict)

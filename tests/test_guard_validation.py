@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from common.data import Split
 from server.detectors import DETECTORS, ClientMemory, Measurements
 from server.guard import CausalGuard
-from server.guard_round import ValidationProbe, ranking_alignments, solo_auroc_changes, without_common_shift
+from server.guard_round import (
+    ValidationProbe,
+    data_span_ratios,
+    ranking_alignments,
+    ranking_directions,
+    solo_auroc_changes,
+    without_common_shift,
+)
 
 
 class _Linear(torch.nn.Module):
@@ -36,7 +44,8 @@ def test_the_ranking_direction_ignores_the_bias_and_points_at_what_ranks():
     gradient = next(probe.ranking_gradients(start, names, shapes, resamples=0))
     assert abs(gradient[3]) < 1e-6 and gradient[0] < 0 < -gradient[0] - 10 * np.abs(gradient[1:3]).max()
     learns, shifts_bias = np.array([0.3, 0.01, -0.02, 0.0]), np.array([0.0, 0.0, 0.0, 0.5])
-    cosines, errors = ranking_alignments(np.stack([learns, -learns, shifts_bias]), start, probe, names, shapes)
+    directions = ranking_directions(start, probe, names, shapes)
+    cosines, errors = ranking_alignments(np.stack([learns, -learns, shifts_bias]), directions)
     assert cosines[0] > 0.9 and cosines[1] < -0.9 and abs(cosines[2]) < 1e-6
     assert 0 < errors[0] < 0.05  # 300 cases pin the direction down
 
@@ -71,7 +80,8 @@ def test_a_push_of_every_score_is_prevalence_not_harm():
     assert raw.max() < -0.2  # all three look harmful
     changes = solo_auroc_changes(start + without_common_shift(deltas, shift), start, probe, names, shapes)
     assert changes[0] == 0.0 and changes[1] > 0.05 and changes[2] < -0.2
-    cosines, _ = ranking_alignments(deltas, start, probe, names, shapes, resamples=5, shift=shift)
+    directions = ranking_directions(start, probe, names, shapes, resamples=5, shift=shift)
+    cosines, _ = ranking_alignments(without_common_shift(deltas, shift), directions)
     assert abs(cosines[0]) < 1e-4 and cosines[1] > 0.9 and cosines[2] < -0.9
 
 
@@ -79,8 +89,10 @@ def test_a_one_class_validation_set_gives_no_direction():
     probe = _probe(np.random.default_rng(1))
     probe.split.labels[:] = 0
     names, shapes = ["linear.weight", "linear.bias"], [(1, 3), (1,)]
-    cosines, errors = ranking_alignments(np.ones((3, 4)), np.zeros(4), probe, names, shapes)
-    assert np.isnan(cosines).all() and np.isnan(errors).all()
+    directions = ranking_directions(np.zeros(4), probe, names, shapes)
+    cosines, errors = ranking_alignments(np.ones((3, 4)), directions)
+    assert directions is None and np.isnan(cosines).all() and np.isnan(errors).all()
+    assert np.isnan(data_span_ratios(np.ones((3, 4)), directions)).all()
     verdicts, _ = CausalGuard(detectors=("validation-direction",)).judge(
         ["a", "b", "c"], np.ones((3, 8)), Measurements(ranking_alignments=cosines, ranking_errors=errors))
     assert all(v.p_values["validation-direction"] == 1.0 for v in verdicts)
@@ -193,3 +205,57 @@ def test_solo_ranking_does_not_blame_a_client_for_the_rounds_common_drift():
         changes[5] -= 0.15  # suddenly far below the others, from now on
         verdicts, _ = guard.judge(clients, rng.normal(size=(8, 64)), Measurements(solo_auroc_changes=changes))
     assert [v.client for v in verdicts if v.flagged] == ["h5"]
+
+
+class _Wide(torch.nn.Module):
+    """Enough parameters (about 1,400) that a handful of gradient directions span little."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = torch.nn.Linear(3, 64)
+        self.mid = torch.nn.Linear(64, 16)
+        self.out = torch.nn.Linear(16, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mid(torch.relu(self.hidden(images))))).squeeze(-1)
+
+
+def test_a_learnt_update_moves_along_the_validation_gradients_and_noise_does_not():
+    """A hospital's update, learnt from other cases of the same kind, has far more of its
+    norm in the span of the validation ranking gradients than noise of any size; a
+    Gaussian-noise update has about what chance gives it (ratio 1)."""
+    probe = _probe(np.random.default_rng(5))
+    probe.build_model = _Wide
+    model = _Wide()
+    names = list(model.state_dict())
+    shapes = [tuple(v.shape) for v in model.state_dict().values()]
+    start = np.concatenate([v.numpy().astype(np.float64).ravel() for v in model.state_dict().values()])
+    hospital = _probe(np.random.default_rng(6)).split  # its own cases, not the server's
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(20):
+        optimiser.zero_grad()
+        logits = model(torch.as_tensor(hospital.images))
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(hospital.labels).float()).backward()
+        optimiser.step()
+    learnt = np.concatenate([v.detach().numpy().astype(np.float64).ravel() for v in model.state_dict().values()]) - start
+    rng = np.random.default_rng(7)
+    noise = rng.normal(0, 3 * np.abs(learnt).mean(), (3, len(start)))
+    directions = ranking_directions(start, probe, names, shapes, resamples=10)
+    ratios = data_span_ratios(np.vstack([learnt, -learnt, noise]), directions)
+    assert ratios[0] == pytest.approx(ratios[1])  # the span has no sign: a flipped update was learnt too
+    assert ratios[0] > DETECTORS["data-span"].max_ratio  # 5.5 here: 20 steps on 300 cases, 11 directions
+    assert np.all((ratios[2:] > 0.4) & (ratios[2:] < 1.8)), ratios
+
+
+def test_an_update_with_no_data_in_it_is_flagged_and_a_less_typical_learner_is_not():
+    """Two Gaussian-noise updates (ratio about 1) among hospitals at 14-28 times noise's share
+    (the benchmark's range) are flagged in the first round, with the reason; a hospital at
+    5 times is learning too (under the round, but above ``max_ratio``)."""
+    clients = [f"h{i}" for i in range(10)]
+    ratios = np.array([0.95, 1.08, 18.0, 22.0, 14.5, 27.0, 20.0, 16.0, 5.0, 24.0])
+    verdicts, _ = CausalGuard(detectors=("data-span", "magnitude")).judge(
+        clients, np.random.default_rng(8).normal(size=(10, 64)), Measurements(data_span_ratios=ratios))
+    assert [v.client for v in verdicts if v.flagged] == ["h0", "h1"]
+    assert "noise would have" in " ".join(verdicts[0].reasons)
+    assert verdicts[8].p_values["data-span"] == 1.0
