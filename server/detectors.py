@@ -54,20 +54,22 @@ class ClientMemory:
 
     def remember(
         self, *, residual: np.ndarray, log_norm: float, alignment: float, solo_change: float | None,
-        log_surprise: float | None, smoothing: float, trust: float, typical_log_norm: float,
+        log_surprise: float | None, smoothing: float, trust: float,
     ) -> None:
         """Move every forecast towards this round's value (exponentially weighted).
 
-        A first round teaches ``trust`` of the way from the yardstick used without a
-        history (no departure from the consensus; the round's typical norm) to its value:
-        three boosted backdoor updates, down-weighted in round 1, had otherwise made the
-        boosted norm their own yardstick from round 2 on (seed 5, never caught).
+        A first round teaches the departure from the consensus ``trust`` of the way from
+        none. The norm is taught first by a fully trusted round: until then the yardstick
+        stays the round's typical norm. Three boosted backdoor updates, down-weighted in
+        round 1, had otherwise made the boosted norm their own yardstick from round 2 on
+        (seed 5, never caught); taught half way, their round-2 magnitude evidence was still
+        halved (seed 9: p 2e-2 against 9e-4 in round 1), and they stayed in at half weight.
         """
         self.residual = trust * residual if self.residual is None else _ewma(self.residual, residual, smoothing)
-        if self.log_norm is None:
-            self.log_norm = typical_log_norm + trust * (log_norm - typical_log_norm)
-        else:
+        if self.log_norm is not None:
             self.log_norm = _ewma(self.log_norm, log_norm, smoothing)
+        elif trust >= 1.0:
+            self.log_norm = log_norm
         self.alignment = _ewma(self.alignment, alignment, smoothing)
         if solo_change is not None:
             self.solo_change = _ewma(self.solo_change, solo_change, smoothing)

@@ -206,7 +206,6 @@ class CausalGuard:
                              for p, m in zip(found.this_round, memories)])
         rejected = benjamini_hochberg(combined, level=self.fdr)
         norms = log_norms(sketches)
-        typical_norm = float(np.median(norms))  # the magnitude detector's yardstick without a history
         verdicts = []
         for i, client in enumerate(clients):
             memory = memories[i]
@@ -234,7 +233,7 @@ class CausalGuard:
                 surprise = None if memory.residual is None else float(found.log_surprises[i])
                 memory.remember(residual=found.residuals[i], log_norm=float(norms[i]),
                                 alignment=float(found.alignments[i]), solo_change=solo, log_surprise=surprise,
-                                smoothing=self.smoothing * weight, trust=weight, typical_log_norm=typical_norm)
+                                smoothing=self.smoothing * weight, trust=weight)
             for name, z in found.round_z.items():  # evidence adds up even while a client is out
                 if math.isfinite(z[i]):
                     memory.z_history(name).append(float(z[i]))

@@ -302,14 +302,36 @@ def test_a_resumed_run_remembers_who_was_suspect(guarded, tmp_path):
 
 
 def test_a_first_round_teaches_a_history_as_much_as_it_was_trusted():
-    """Down-weighted in its first round (half trusted), a boosted update moves its history
-    only half way from the round's typical norm: it must not become its own yardstick."""
+    """Down-weighted in its first round (half trusted), a boosted update moves its departure
+    only half way, and its norm not at all: it must not become its own yardstick. A later
+    fully trusted round teaches the norm."""
     trusted, halved = ClientMemory(), ClientMemory()
     for memory, trust in ((trusted, 1.0), (halved, 0.5)):
         memory.remember(residual=np.full(4, 2.0), log_norm=1.0, alignment=0.1, solo_change=None, log_surprise=None,
-                        smoothing=0.5 * trust, trust=trust, typical_log_norm=-0.4)
+                        smoothing=0.5 * trust, trust=trust)
     assert trusted.log_norm == pytest.approx(1.0) and np.allclose(trusted.residual, 2.0)
-    assert halved.log_norm == pytest.approx(0.3) and np.allclose(halved.residual, 1.0)
+    assert halved.log_norm is None and np.allclose(halved.residual, 1.0)
+    halved.remember(residual=np.zeros(4), log_norm=-0.4, alignment=0.1, solo_change=None, log_surprise=None,
+                    smoothing=0.5, trust=1.0)
+    assert halved.log_norm == pytest.approx(-0.4)
+
+
+def test_a_boosted_update_half_trusted_in_round_one_is_still_held_to_the_rounds_norm():
+    """Three boosted updates (3.5x) among ten are borderline in round 1 (the t tail of ten
+    clients' robust z; here a strict ``fdr`` keeps them in), so down-weighted, not excluded.
+    Their round-2 magnitude evidence must be as strong as round 1's, not weakened by a
+    history they taught themselves (taught half way, it was weaker than round 1's)."""
+    rng = np.random.default_rng(12)
+    clients = [f"h{i}" for i in range(10)]
+    guard = CausalGuard(detectors=("magnitude",), fdr=1e-5)
+    sizes, rounds = np.exp(rng.normal(0, 0.12, 10)), []  # each hospital's usual norm
+    for _ in range(2):
+        sketches = rng.normal(size=(10, 512)) * (sizes * np.exp(rng.normal(0, 0.05, 10)))[:, None]
+        sketches[1:4] *= 3.5
+        rounds.append(guard.judge(clients, sketches)[0])
+    assert [v.weight for v in rounds[0][1:4]] == [0.5] * 3 and not any(v.flagged for v in rounds[0])
+    assert all(second.p_values["magnitude"] < first.p_values["magnitude"] < 0.01
+               for first, second in zip(rounds[0][1:4], rounds[1][1:4]))
 
 
 def test_a_borderline_update_is_shrunk_to_a_typical_size():
