@@ -8,8 +8,9 @@ p-value with an explanation:
 - ``forecast``: how far the update departs from what this client's own accepted history
   predicts, against how far it usually departs. A hospital that is always different is
   not penalised; a sudden change is.
-- ``magnitude``: the update's norm against the client's own history (or, without one, the
-  other clients). This catches free-riders and scaled model replacement.
+- ``magnitude`` and ``shrinkage``: the update's norm against the client's own history (or,
+  without one, the other clients), too large (scaled model replacement) or too small
+  (free-riders). One family: together, one two-sided test.
 - ``alignment``: the update's cosine with the others' median update, against its history.
 - ``dependence``: partial correlations between the unexplained parts (innovations) of the
   updates (and plain correlation for near-copies, which explain each other away).
@@ -36,9 +37,9 @@ Both ranking measures take an update without its common shift, the part that mov
 validation score together (``server/guard_round.py``, ``without_common_shift``): that part
 is a hospital's prevalence, and through rectified features it moves the ranking too.
 
-Forecast and alignment ask only whether a client changed its habit; a client whose
-updates point with the validation ranking (``validation-direction``, over its recent rounds
-and with it this round too) has that evidence excused: its change is learning.
+Forecast, alignment and shrinkage ask only whether a client changed its habit; a client
+whose updates point with the validation ranking (``validation-direction``, over its recent
+rounds and with it this round too) has that evidence excused: its change is learning.
 
 The p-values are combined per client (Bonferroni within detector families, then across
 them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yardsticks
@@ -154,8 +155,8 @@ class CausalGuard:
     # (``server/detectors.py``, ``excuse``). 2: seed 2's hospital 08 pooled -2.6 to -3.
     min_pooled_help: float = 2.0
     detectors: tuple[str, ...] = (
-        "forecast", "magnitude", "alignment", "dependence", "crafted", "data-span", "intervention",
-        "solo-ranking", "validation-direction",
+        "forecast", "magnitude", "shrinkage", "alignment", "dependence", "crafted", "data-span",
+        "intervention", "solo-ranking", "validation-direction",
     )
     seed: int = 0
     memories: dict[str, ClientMemory] = field(default_factory=dict)

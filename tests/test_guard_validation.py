@@ -186,7 +186,27 @@ def test_a_change_of_habit_that_helps_the_validation_ranking_is_excused():
 
 
 def test_only_habit_detectors_are_excused():
-    assert {name for name, d in DETECTORS.items() if d.habit_only} == {"forecast", "alignment"}
+    assert {name for name, d in DETECTORS.items() if d.habit_only} == {"forecast", "alignment", "shrinkage"}
+
+
+def test_a_shrinking_update_that_helps_is_convergence_and_a_free_rider_is_not():
+    """Both updates shrink to well under their usual size. One still points with the
+    validation ranking, as it always did: a hospital converging (seed 10's honest hospital,
+    flagged at 0.52x its usual norm). The other points nowhere: a free-rider."""
+    rng = np.random.default_rng(5)
+    guard = CausalGuard(detectors=("magnitude", "shrinkage", "validation-direction"))
+    clients, sizes = [f"h{i}" for i in range(10)], np.exp(rng.normal(0, 0.1, 10))[:, None]
+    cosines, errors = np.full(10, 0.25), np.full(10, 0.05)
+    for round_ in range(4):
+        sketches = rng.normal(size=(10, 256)) * sizes * np.exp(rng.normal(0, 0.03, 10))[:, None]
+        if round_ == 3:
+            sketches[3] *= 0.3
+            sketches[6] *= 0.3
+            cosines[6] = 0.0
+        verdicts, _ = guard.judge(clients, sketches, Measurements(ranking_alignments=cosines.copy(),
+                                                                 ranking_errors=errors))
+    assert [v.client for v in verdicts if v.flagged] == ["h6"]
+    assert any(r.startswith("excused shrinkage") for r in verdicts[3].reasons), verdicts[3].reasons
 
 
 def test_solo_ranking_does_not_blame_a_client_for_the_rounds_common_drift():
