@@ -16,7 +16,9 @@ Reported per run:
   hospitals at all (they only evaluate): the best any defence that excludes them can do;
 - backdoor success: the share of honest hospitals' positive test cases, stamped with the
   trigger, that the final model calls negative (the benign FedAvg model's rate is printed
-  for reference).
+  for reference). "added" is that share less the oracle model's over the same hospitals:
+  what the attack added (a model that never saw the trigger calls some stamped cases
+  negative too: 0.66 on seed 9).
 Plus the guard's false-positive rate with no attacker at all.
 
     python benchmarks/guard_benchmark.py [--rounds 8] [--rules guard fedavg ...] [--attacks ...] [--seed 0]
@@ -79,20 +81,22 @@ def detection(run_dir: Path, attackers: list[str]) -> dict[str, float]:
     }
 
 
-def backdoor_success(scenario: Scenario, run_dir: Path, honest: list[int]) -> float:
+def backdoor_rates(scenario: Scenario, run_dir: Path, honest: list[int]) -> dict[str, float]:
+    """Per honest hospital, the share of its positive test cases, stamped with the trigger,
+    that the final model calls negative."""
     model = new_model(seed=0)
     model.load_state_dict(torch.load(run_dir / "model.pt"))
-    rates = []
+    rates = {}
     for index in honest:
         test = build_site(scenario, index).test  # the honest hospital's own data
         positives = test.images[test.labels != BACKDOOR_TARGET]
         scores = predict_scores(model, stamp_trigger(positives))
-        rates.append(float(np.mean((scores >= 0.5).astype(int) == BACKDOOR_TARGET)))
-    return float(np.mean(rates))
+        rates[scenario.data.sites[index].name] = float(np.mean((scores >= 0.5).astype(int) == BACKDOOR_TARGET))
+    return rates
 
 
 FAILED = {"auroc": float("nan"), "backdoor": float("nan"), "tpr": float("nan"), "fpr": float("nan"),
-          "rounds-to-detection": float("nan"), "site-auroc": {}}
+          "rounds-to-detection": float("nan"), "site-auroc": {}, "site-backdoor": {}}
 
 
 def run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) -> dict[str, float]:
@@ -114,8 +118,10 @@ def _run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) ->
         last = history["rounds"][-1]["sites"]
         honest = [i for i, n in enumerate(names) if n not in attackers]
         site_auroc = {names[i]: float(last[names[i]]["test-auroc"]) for i in honest}
+        site_backdoor = backdoor_rates(scenario, run_dir, honest)
         return {"auroc": float(np.mean(list(site_auroc.values()))), "site-auroc": site_auroc,
-                "backdoor": backdoor_success(scenario, run_dir, honest), **detection(run_dir, attackers)}
+                "backdoor": float(np.mean(list(site_backdoor.values()))), "site-backdoor": site_backdoor,
+                **detection(run_dir, attackers)}
 
 
 def without_attackers(base: Scenario, attackers: list[str]) -> Scenario:
@@ -131,6 +137,12 @@ def auroc_gap(reference: dict[str, float], result: dict) -> float:
     """Attack-free FedAvg's mean test AUROC over this run's honest hospitals, minus this run's."""
     sites = result["site-auroc"]
     return float(np.mean([reference[s] for s in sites]) - result["auroc"]) if sites else float("nan")
+
+
+def added_backdoor(oracle: dict[str, float], result: dict) -> float:
+    """This run's backdoor success less the oracle model's over the same honest hospitals."""
+    sites = result["site-backdoor"]
+    return float(result["backdoor"] - np.mean([oracle[s] for s in sites])) if sites else float("nan")
 
 
 def main() -> None:
@@ -150,15 +162,15 @@ def main() -> None:
         base = base.with_overrides(federation={"guard": guard})
     names = [s.name for s in base.data.sites if s.role == "train"]
     print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'gap':>7}{'oracle':>7}"
-          f"{'backdoor':>9}{'secs':>6}")
+          f"{'backdoor':>9}{'added':>7}{'secs':>6}")
     reference = {}
     for rule in dict.fromkeys(["fedavg", *args.rules]):  # attack-free FedAvg is every row's reference
         started = time.monotonic()
         benign = run(base, rule, None, [])
         reference[rule] = benign
         print(f"{rule:<13}{'(none)':<16}{0:>4}{'':>7}{benign['fpr']:>7.3f}{'':>8}{benign['auroc']:>7.3f}{'':>14}"
-              f"{benign['backdoor']:>9.3f}{time.monotonic() - started:>6.0f}", flush=True)
-    oracles: dict[tuple[str, ...], dict[str, float]] = {}
+              f"{benign['backdoor']:>9.3f}{'':>7}{time.monotonic() - started:>6.0f}", flush=True)
+    oracles: dict[tuple[str, ...], dict] = {}
     clean_fedavg = reference["fedavg"]["auroc"]
     summary: dict[str, dict[str, list[float]]] = {}
     for attack in args.attacks:
@@ -166,36 +178,41 @@ def main() -> None:
             count = max(round(fraction * len(names)), 2 if attack == "colluding-pair" else 1)
             attackers = names[1 : 1 + count] if count < len(names) else names
             if tuple(attackers) not in oracles:
-                oracles[tuple(attackers)] = _run(without_attackers(base, attackers), "fedavg", None, [])["site-auroc"]
+                oracles[tuple(attackers)] = _run(without_attackers(base, attackers), "fedavg", None, [])
             for rule in args.rules:
                 started = time.monotonic()
                 result = run(base, rule, attack, attackers)
-                row = summary.setdefault(rule, {"tpr": [], "fpr": [], "auroc-gap": [], "oracle-gap": [], "backdoor": []})
+                row = summary.setdefault(rule, {"tpr": [], "fpr": [], "auroc-gap": [], "oracle-gap": [], "backdoor": [],
+                                                "added-backdoor": []})
                 row["tpr"].append(result["tpr"])
                 row["fpr"].append(result["fpr"])
                 gap = auroc_gap(reference["fedavg"]["site-auroc"], result)
-                oracle_gap = auroc_gap(oracles[tuple(attackers)], result)
+                oracle = oracles[tuple(attackers)]
+                oracle_gap = auroc_gap(oracle["site-auroc"], result)
+                added = added_backdoor(oracle["site-backdoor"], result)
                 if not np.isnan(gap):
                     row["auroc-gap"].append(gap)
                     row["oracle-gap"].append(oracle_gap)
                 if attack == "backdoor" and not np.isnan(result["backdoor"]):
                     row["backdoor"].append(result["backdoor"])
+                    row["added-backdoor"].append(added)
                 print(f"{rule:<13}{attack:<16}{count:>4}{result['tpr']:>7.3f}{result['fpr']:>7.3f}"
                       f"{result['rounds-to-detection']:>8.1f}{result['auroc']:>7.3f}{gap:>7.3f}{oracle_gap:>7.3f}"
-                      f"{result['backdoor']:>9.3f}"
+                      f"{result['backdoor']:>9.3f}{added:>7.3f}"
                       f"{time.monotonic() - started:>6.0f}", flush=True)
     print()
     print(f"summary over every attack and fraction; attack-free FedAvg AUROC {clean_fedavg:.3f} (all hospitals), "
           f"backdoor rate {reference['fedavg']['backdoor']:.3f}; gaps are over each run's honest hospitals")
     print(f"{'rule':<13}{'mean TPR':>9}{'min TPR':>9}{'mean FPR':>9}{'benign FPR':>11}{'worst AUROC gap':>16}"
-          f"{'worst oracle gap':>17}{'max backdoor':>13}")
+          f"{'worst oracle gap':>17}{'max backdoor':>13}{'max added':>10}")
     for rule, row in summary.items():
         tpr = [v for v in row["tpr"] if not np.isnan(v)]
         print(f"{rule:<13}{(np.mean(tpr) if tpr else float('nan')):>9.3f}{(min(tpr) if tpr else float('nan')):>9.3f}"
               f"{np.nanmean(row['fpr']) if tpr else float('nan'):>9.3f}{reference[rule]['fpr']:>11.3f}"
               f"{(max(row['auroc-gap']) if row['auroc-gap'] else float('nan')):>16.3f}"
               f"{(max(row['oracle-gap']) if row['oracle-gap'] else float('nan')):>17.3f}"
-              f"{(max(row['backdoor']) if row['backdoor'] else float('nan')):>13.3f}")
+              f"{(max(row['backdoor']) if row['backdoor'] else float('nan')):>13.3f}"
+              f"{(max(row['added-backdoor']) if row['added-backdoor'] else float('nan')):>10.3f}")
 
 
 if __name__ == "__main__":
