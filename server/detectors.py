@@ -174,17 +174,9 @@ class ForecastDetector(Detector):
         return Finding(np.where(large, upper_p(robust_z(gap)), 1.0), reasons)
 
 
-def _norm_gaps(evidence: RoundEvidence) -> np.ndarray:
-    """Each update's log-norm less what was expected of it: its own accepted history, or,
-    without one, the round's median."""
-    expected = np.array([
-        m.log_norm if m.log_norm is not None else np.median(evidence.log_norms) for m in evidence.memories
-    ])
-    return evidence.log_norms - expected
-
-
 class MagnitudeDetector(Detector):
-    """An update larger than expected: scaled updates, model replacement (boosted backdoors)."""
+    """An update larger than what was expected of it (its own accepted history or, without
+    one, the round's median norm): scaled updates, model replacement (boosted backdoors)."""
 
     name = "magnitude"
     family = "magnitude"
@@ -192,15 +184,19 @@ class MagnitudeDetector(Detector):
     # not evidence: seven hospitals whose norms happen to agree closely give a tiny spread,
     # against which an honest 1.1x looked like p 2e-6. Attacks scale by 3x or more.
     min_ratio: ClassVar[float] = 1.5
+    side: ClassVar[float] = 1.0  # +1: larger than expected is evidence; -1: smaller
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
-        gap = _norm_gaps(evidence)
-        large = gap - np.median(gap) > math.log(self.min_ratio)
+        expected = np.array([
+            m.log_norm if m.log_norm is not None else np.median(evidence.log_norms) for m in evidence.memories
+        ])
+        gap = evidence.log_norms - expected
+        beyond = self.side * (gap - np.median(gap)) > math.log(self.min_ratio)
         reasons = [f"update norm {math.exp(g):.2g}x what was expected" for g in gap]
-        return Finding(np.where(large, upper_p(robust_z(gap)), 1.0), reasons)
+        return Finding(np.where(beyond, upper_p(self.side * robust_z(gap)), 1.0), reasons)
 
 
-class ShrinkageDetector(Detector):
+class ShrinkageDetector(MagnitudeDetector):
     """An update smaller than expected: a free-rider sending back (nearly) the model it got.
 
     The other side of ``magnitude``, so in its family (the two together are one two-sided
@@ -210,15 +206,8 @@ class ShrinkageDetector(Detector):
     nowhere (``data-span`` sees that too)."""
 
     name = "shrinkage"
-    family = "magnitude"
     habit_only = True
-    min_ratio: ClassVar[float] = MagnitudeDetector.min_ratio
-
-    def inspect(self, evidence: RoundEvidence) -> Finding:
-        gap = _norm_gaps(evidence)
-        small = np.median(gap) - gap > math.log(self.min_ratio)
-        reasons = [f"update norm {math.exp(g):.2g}x what was expected" for g in gap]
-        return Finding(np.where(small, upper_p(-robust_z(gap)), 1.0), reasons)
+    side = -1.0
 
 
 class AlignmentDetector(Detector):
