@@ -50,8 +50,8 @@ client's p-value is combined with its last rounds' (Fisher's method, which treat
 as independent), a client flagged in enough of the recent rounds stays excluded until it
 behaves (and then comes back on probation, as borderline), and a round teaches a client's
 history as much as it was trusted (a flagged round not at all; a first round that much of
-the way from the yardstick used without a history). Flagged updates are excluded from the
-aggregate. Borderline ones are down-weighted (and, in the strategy, bounded in size).
+the way from the yardstick used without a history, except the norm, which only a fully
+trusted round sets). Flagged updates are excluded from the aggregate. Borderline ones are down-weighted (and, in the strategy, bounded in size).
 """
 
 from __future__ import annotations
