@@ -53,8 +53,8 @@ class ClientMemory:
         return self.past_z.setdefault(detector, deque(maxlen=4))
 
     def remember(
-        self, *, residual: np.ndarray, log_norm: float, alignment: float, solo_change: float | None,
-        log_surprise: float | None, smoothing: float, trust: float,
+        self, *, residual: np.ndarray, log_norm: float, alignment: float, log_surprise: float | None,
+        smoothing: float, trust: float,
     ) -> None:
         """Move every forecast towards this round's value (exponentially weighted).
 
@@ -71,10 +71,22 @@ class ClientMemory:
         elif trust >= 1.0:
             self.log_norm = log_norm
         self.alignment = _ewma(self.alignment, alignment, smoothing)
-        if solo_change is not None:
-            self.solo_change = _ewma(self.solo_change, solo_change, smoothing)
         if log_surprise is not None:
             self.log_surprise = _ewma(self.log_surprise, log_surprise, smoothing)
+
+    def remember_solo_change(self, solo_change: float, *, smoothing: float) -> None:
+        """Move the forecast of how its model alone ranks the validation cases (relative to
+        the round's median) towards this round's, whatever the verdict.
+
+        Why every round: how a hospital's cases rank the validation set is a trait of the
+        hospital, as its prevalence is, and solo ranking asks only whether that changed.
+        Seed 5: an honest hospital whose model alone always ranked 0.08-0.11 below the
+        round's median was flagged in round 1, so its forecast stayed at zero and it was
+        flagged for the same trait in every later round. The evidence of round 1 is not
+        lost: its z stays in the client's sum over rounds. Persistent harm is for
+        ``validation-direction``, which is judged against zero, not a history.
+        """
+        self.solo_change = _ewma(self.solo_change, solo_change, smoothing)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON values, so that a resumed run's guard remembers what this one did."""
@@ -288,9 +300,8 @@ class InterventionDetector(Detector):
 
 
 class SoloRankingDetector(Detector):
-    """Evidence accumulates over rounds (Stouffer): 200 validation cases rank one client's
-    model only roughly, but an attacker is among the worst every round, an honest hospital
-    only now and then. As for the forecast, the yardstick is the client's own accepted
+    """Evidence accumulates over rounds (Stouffer): a few hundred validation cases rank one
+    client's model only roughly. As for the forecast, the yardstick is the client's own
     history where it has one: a hospital whose cases always rank the validation set a
     little worse (another prevalence, other shortcuts) is not blamed for it every round.
 
@@ -301,6 +312,12 @@ class SoloRankingDetector(Detector):
 
     name = "solo-ranking"
     family = "intervention"
+    # Against its own history, it asks whether a client changed (its history learns from
+    # every round: ``ClientMemory.remember_solo_change``), so a client whose updates point
+    # with the validation ranking is excused, as for the other habits. Seed 2 with 500
+    # validation cases: an honest hospital whose cosine with the ranking was +0.17 was
+    # flagged in round 6 because its model alone ranked 0.02 below its first round's record.
+    habit_only = True
     min_drop: ClassVar[float] = 0.03  # validation AUROC: smaller drops are sampling noise
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
@@ -317,7 +334,8 @@ class SoloRankingDetector(Detector):
         p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
         reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over "
                    f"{len(m.z_history(self.name)) + 1} rounds)" for c, s, m in zip(changes, pooled, evidence.memories)]
-        return Finding(p_values, reasons, {"z": z, "relative": relative})
+        alone = np.where(drop > self.min_drop, upper_p(z), 1.0)  # one round's robust z: heavy-tailed
+        return Finding(p_values, reasons, {"z": z, "relative": relative, "alone_p": alone})
 
 
 class ValidationDirectionDetector(Detector):
@@ -359,12 +377,18 @@ class ValidationDirectionDetector(Detector):
             return Finding(np.ones(n), [""] * n)  # no validation set, or a one-class one
         # > 0: against the ranking. Clipped: one freak round must not dominate the sum.
         z = np.clip(-cosines / np.maximum(self.error_inflation * errors, 1e-6), -3.0, 6.0)
-        z = np.where(np.abs(cosines) < self.min_cosine, 0.0, z)
-        pooled = np.array([stouffer([*m.z_history(self.name), value]) for m, value in zip(evidence.memories, z)])
+        # No direction is no measurement (NaN, left out of the sums), not a measured zero:
+        # counted as z 0, a flipped hospital's rounds without direction diluted the rounds
+        # with it (seed 11, sign-flip: z 0, 2.2, 0, 3.4 summed to 2.8, without the zeros 4.0).
+        z = np.where(np.abs(cosines) < self.min_cosine, np.nan, z)
+        history = [[*m.z_history(self.name), value] for m, value in zip(evidence.memories, z)]
+        pooled = np.array([stouffer([v for v in values if math.isfinite(v)]) for values in history])
+        counts = [sum(math.isfinite(v) for v in values) for values in history]
         reasons = [f"its update points {'against' if c < 0 else 'with'} the validation ranking (cosine {c:+.2f} "
-                   f"+/- {e:.2f}; z {s:+.1f} over {len(m.z_history(self.name)) + 1} rounds)"
-                   for c, e, s, m in zip(cosines, errors, pooled, evidence.memories)]
-        return Finding(norm.sf(pooled), reasons, {"z": z, "pooled": pooled})
+                   f"+/- {e:.2f}; z {s:+.1f} over {k} rounds with a direction)"
+                   for c, e, s, k in zip(cosines, errors, pooled, counts)]
+        alone = norm.sf(np.nan_to_num(z, nan=-np.inf))
+        return Finding(norm.sf(pooled), reasons, {"z": z, "pooled": pooled, "alone_p": alone})
 
 
 class CraftedDetector(Detector):
@@ -443,10 +467,14 @@ def excuse(findings: dict[str, Finding], helpful: np.ndarray) -> dict[str, Findi
     """
     if not helpful.any():
         return findings
-    return {name: Finding(np.where(helpful, 1.0, finding.p_values), finding.reasons,
-                          {**finding.extra, "unexcused_p": finding.p_values})
-            if DETECTORS[name].habit_only else finding
-            for name, finding in findings.items()}
+
+    def excused(finding: Finding) -> Finding:
+        extra = {**finding.extra, "unexcused_p": finding.p_values}
+        if "alone_p" in extra:  # this round's own evidence, for the sum over rounds
+            extra["alone_p"] = np.where(helpful, 1.0, extra["alone_p"])
+        return Finding(np.where(helpful, 1.0, finding.p_values), finding.reasons, extra)
+
+    return {name: excused(finding) if DETECTORS[name].habit_only else finding for name, finding in findings.items()}
 
 
 def combine_by_family(p_values: dict[str, np.ndarray]) -> np.ndarray:

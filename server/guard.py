@@ -37,7 +37,9 @@ Both ranking measures take an update without its common shift, the part that mov
 validation score together (``server/guard_round.py``, ``without_common_shift``): that part
 is a hospital's prevalence, and through rectified features it moves the ranking too.
 
-Forecast, alignment and shrinkage ask only whether a client changed its habit; a client
+Forecast, alignment, shrinkage and solo ranking (after a client's first round: its history
+learns from every round, ``ClientMemory.remember_solo_change``) ask only whether a client
+changed its habit; a client
 whose updates point with the validation ranking (``validation-direction``, over its recent
 rounds and with it this round too) has that evidence excused: its change is learning.
 
@@ -47,11 +49,13 @@ them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yard
 without clients whose evidence is overwhelming: attackers sitting in the middle of the
 others otherwise make honest outliers look odd. Suspicion accumulates across rounds: each
 client's p-value is combined with its last rounds' (Fisher's method, which treats rounds
-as independent), a client flagged in enough of the recent rounds stays excluded until it
+as independent, over each round's own evidence: ``alone_p``, without the detectors' sums
+over rounds), a client flagged in enough of the recent rounds stays excluded until it
 behaves (and then comes back on probation, as borderline), and a round teaches a client's
-history as much as it was trusted (a flagged round not at all; a first round that much of
-the way from the yardstick used without a history, except the norm, which only a fully
-trusted round sets). Flagged updates are excluded from the aggregate. Borderline ones are down-weighted (and, in the strategy, bounded in size).
+history as much as it was trusted (a flagged round nothing but its solo ranking; a first
+round that much of the way from the yardstick used without a history, except the norm,
+which only a fully trusted round sets). Flagged updates are excluded from the aggregate.
+Borderline ones are down-weighted (and, in the strategy, bounded in size).
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class Assessment:
     """One round's evidence on every client, each from the last pass that judged it."""
 
     this_round: np.ndarray  # combined p-value per client, before accumulation over rounds
+    alone: np.ndarray  # the same without the detectors' own sums over past rounds (``alone_p``)
     p_values: dict[str, np.ndarray]
     reasons: dict[str, list[str]]
     residuals: np.ndarray
@@ -114,14 +119,14 @@ class Assessment:
 
     @classmethod
     def empty(cls, n: int, k: int, detectors: tuple[str, ...]) -> Assessment:
-        return cls(this_round=np.ones(n), p_values={d: np.ones(n) for d in detectors},
+        return cls(this_round=np.ones(n), alone=np.ones(n), p_values={d: np.ones(n) for d in detectors},
                    reasons={d: [""] * n for d in detectors}, residuals=np.zeros((n, k)), log_surprises=np.zeros(n),
                    alignments=np.zeros(n), solo_relative=np.full(n, np.nan), round_z={}, edges=[])
 
     def record(self, indices: np.ndarray, evidence: RoundEvidence, findings: dict[str, Finding],
-               combined: np.ndarray) -> None:
+               combined: np.ndarray, alone: np.ndarray) -> None:
         for j, i in enumerate(indices):
-            self.this_round[i] = combined[j]
+            self.this_round[i], self.alone[i] = combined[j], alone[j]
             self.residuals[i], self.alignments[i] = evidence.residuals[j], evidence.alignments[j]
             self.log_surprises[i] = evidence.log_surprises[j]
             self.excused.pop(i, None)
@@ -190,7 +195,8 @@ class CausalGuard:
             findings = {name: DETECTORS[name]().inspect(evidence) for name in self.detectors}
             findings = excuse(findings, helpful_clients(findings, min_pooled_help=self.min_pooled_help))
             combined = combine_by_family({name: f.p_values for name, f in findings.items()})
-            assessment.record(active, evidence, findings, combined)
+            alone = combine_by_family({name: f.extra.get("alone_p", f.p_values) for name, f in findings.items()})
+            assessment.record(active, evidence, findings, combined, alone)
             overwhelming = combined <= self.overwhelming_p
             if not overwhelming.any() or (~overwhelming).sum() < 3:  # 3: a median needs others
                 return assessment
@@ -203,15 +209,15 @@ class CausalGuard:
         """Verdicts for this round's clients, and the dependency graph's edges."""
         found = self.assess(clients, sketches, measured)
         memories = [self.memories[c] for c in clients]
-        combined = np.array([accumulate_over_rounds(float(p), list(m.recent_p))
-                             for p, m in zip(found.this_round, memories)])
+        combined = np.array([accumulate_over_rounds(float(p), list(m.recent_p), alone=float(a))
+                             for p, a, m in zip(found.this_round, found.alone, memories)])
         rejected = benjamini_hochberg(combined, level=self.fdr)
         norms = log_norms(sketches)
         verdicts = []
         for i, client in enumerate(clients):
             memory = memories[i]
             memory.recent_flags.append(bool(rejected[i]))
-            memory.recent_p.append(float(found.this_round[i]))
+            memory.recent_p.append(float(found.alone[i]))
             quarantined = sum(memory.recent_flags) >= self.quarantine_after
             flagged = bool(rejected[i]) or quarantined
             # Back from exclusion on probation (half weight, and so bounded in size) while a
@@ -229,12 +235,13 @@ class CausalGuard:
             # first rounds (a minority hospital often is) must not be held for ever to
             # the other hospitals' yardstick instead of its own.
             if weight > 0:
-                solo = float(found.solo_relative[i]) if math.isfinite(found.solo_relative[i]) else None
                 # How far it departs from a forecast is known only once it had one.
                 surprise = None if memory.residual is None else float(found.log_surprises[i])
                 memory.remember(residual=found.residuals[i], log_norm=float(norms[i]),
-                                alignment=float(found.alignments[i]), solo_change=solo, log_surprise=surprise,
+                                alignment=float(found.alignments[i]), log_surprise=surprise,
                                 smoothing=self.smoothing * weight, trust=weight)
+            if math.isfinite(found.solo_relative[i]):
+                memory.remember_solo_change(float(found.solo_relative[i]), smoothing=self.smoothing)
             for name, z in found.round_z.items():  # evidence adds up even while a client is out
                 if math.isfinite(z[i]):
                     memory.z_history(name).append(float(z[i]))

@@ -191,9 +191,9 @@ def ranking_alignments(deltas: np.ndarray, directions: np.ndarray | None) -> tup
     their common shift (``without_common_shift``), so prevalence counts neither for nor
     against.
 
-    The error is what 200 validation cases leave unsure: their direction is only an
-    estimate of the population's. Linear in the parameters: a dot product per client and
-    resample.
+    The error is what a few hundred validation cases leave unsure: their direction is only
+    an estimate of the population's. Linear in the parameters: a dot product per client
+    and resample.
     """
     if directions is None:
         return np.full(len(deltas), np.nan), np.full(len(deltas), np.nan)

@@ -121,15 +121,23 @@ def spread_regularity(units: np.ndarray) -> float:
 
 
 def stouffer(z_scores: list[float]) -> float:
-    """One z-score from several independent ones: their sum over the square root of their count."""
-    return float(np.sum(z_scores) / math.sqrt(len(z_scores)))
+    """One z-score from several independent ones: their sum over the square root of their
+    count (0, no evidence either way, for none)."""
+    return float(np.sum(z_scores) / math.sqrt(len(z_scores))) if z_scores else 0.0
 
 
-def accumulate_over_rounds(current: float, past: list[float]) -> float:
+def accumulate_over_rounds(current: float, past: list[float], *, alone: float | None = None) -> float:
     """This round's p-value or Fisher's combination with the client's recent rounds,
     whichever is smaller (x2 for taking the smaller): a sudden change still counts alone,
-    and steady moderate evidence (every round a little suspicious) adds up."""
+    and steady moderate evidence (every round a little suspicious) adds up.
+
+    ``alone``: this round's p-value without what detectors carried over from past rounds
+    (their Stouffer sums; default ``current``). Fisher's method needs each round's evidence
+    once: combining a sum that already holds round 1 with round 1's own p-value counted it
+    twice (seed 5: an honest hospital flagged from round 1 to the end).
+    """
     if not past:
         return current
-    fisher = combine_pvalues(np.clip([*past, current], 1e-300, 1.0), method="fisher").pvalue
+    rounds = [*past, current if alone is None else alone]
+    fisher = combine_pvalues(np.clip(rounds, 1e-300, 1.0), method="fisher").pvalue
     return float(min(1.0, 2 * min(current, fisher)))

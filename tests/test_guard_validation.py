@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 
 from common.data import Split
 from server.detectors import DETECTORS, ClientMemory, Measurements
@@ -138,8 +139,28 @@ def test_a_direction_too_small_to_matter_is_neither_harm_nor_help():
         verdicts, _ = guard.judge(clients, np.ones((6, 8)), Measurements(ranking_alignments=cosines,
                                                                          ranking_errors=errors))
     assert [v.client for v in verdicts if v.flagged] == ["h5"]
-    assert [list(guard.memories[c].z_history("validation-direction")) for c in ("h0", "h1")] == [[0.0] * 4] * 2
+    assert [list(guard.memories[c].z_history("validation-direction")) for c in ("h0", "h1")] == [[], []]
     assert max(guard.memories["h2"].z_history("validation-direction")) < -1
+
+
+def test_rounds_without_direction_do_not_dilute_rounds_with_one():
+    """A flipped update is only as directed as the hospital's honest one: seed 11's
+    sign-flipper had cosines -0.03, -0.26, -0.04, -0.23 with the ranking. Its rounds without
+    direction are no measurement; counted as z 0 they halved its evidence."""
+    clients = [f"h{i}" for i in range(6)]
+    errors = np.full(6, 0.04)
+
+    def pooled_z_of_h5(rounds: list[float]) -> float:
+        guard = CausalGuard(detectors=("validation-direction",))
+        for cosine in rounds:
+            cosines = np.array([0.2, 0.25, 0.15, 0.3, 0.2, cosine])
+            found = guard.assess(clients, np.ones((6, 8)), Measurements(ranking_alignments=cosines,
+                                                                        ranking_errors=errors))
+            guard.judge(clients, np.ones((6, 8)), Measurements(ranking_alignments=cosines, ranking_errors=errors))
+        return float(norm.isf(found.p_values["validation-direction"][5]))
+
+    assert pooled_z_of_h5([-0.03, -0.26, -0.04, -0.23]) == pytest.approx(pooled_z_of_h5([-0.26, -0.23]))
+    assert pooled_z_of_h5([-0.03, -0.26, -0.04, -0.23]) > 4.0
 
 
 def test_accumulated_evidence_survives_a_saved_state():
@@ -186,7 +207,8 @@ def test_a_change_of_habit_that_helps_the_validation_ranking_is_excused():
 
 
 def test_only_habit_detectors_are_excused():
-    assert {name for name, d in DETECTORS.items() if d.habit_only} == {"forecast", "alignment", "shrinkage"}
+    habits = {name for name, d in DETECTORS.items() if d.habit_only}
+    assert habits == {"forecast", "alignment", "shrinkage", "solo-ranking"}
 
 
 def test_a_shrinking_update_that_helps_is_convergence_and_a_free_rider_is_not():
@@ -279,3 +301,27 @@ def test_an_update_with_no_data_in_it_is_flagged_and_a_less_typical_learner_is_n
     assert [v.client for v in verdicts if v.flagged] == ["h0", "h1"]
     assert "noise would have" in " ".join(verdicts[0].reasons)
     assert verdicts[8].p_values["data-span"] == 1.0
+
+
+def test_a_helpful_client_whose_model_alone_ranks_a_little_worse_is_learning():
+    """Solo ranking asks whether a client's model alone ranks the validation cases worse
+    than it used to, a habit: seed 2 with 500 validation cases flagged an honest hospital
+    in round 6, its update's cosine with the ranking +0.17 (z -2 every round), because its
+    model alone ranked 0.02 below its first round's record. The same fall in a client
+    whose update points nowhere is still evidence."""
+    clients = [f"h{i}" for i in range(10)]
+    rng = np.random.default_rng(3)
+
+    def flagged_in_last_round(cosine_of_h9: float) -> bool:
+        guard = CausalGuard(detectors=("solo-ranking", "validation-direction"))
+        for round_ in range(4):
+            changes = rng.normal(0.0, 0.01, 10)
+            changes[9] = 0.10 if round_ == 0 else -0.10  # a fine first round, then a fall
+            cosines = np.full(10, 0.2)
+            cosines[9] = cosine_of_h9
+            verdicts, _ = guard.judge(clients, np.ones((10, 8)), Measurements(
+                solo_auroc_changes=changes, ranking_alignments=cosines, ranking_errors=np.full(10, 0.04)))
+        return verdicts[9].flagged
+
+    assert not flagged_in_last_round(0.2)
+    assert flagged_in_last_round(0.0)
