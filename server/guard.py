@@ -39,9 +39,9 @@ is a hospital's prevalence, and through rectified features it moves the ranking 
 
 Forecast, alignment, shrinkage and solo ranking (after a client's first round: its history
 learns from every round, ``ClientMemory.remember_solo_change``) ask only whether a client
-changed its habit; a client
-whose updates point with the validation ranking (``validation-direction``, over its recent
-rounds and with it this round too) has that evidence excused: its change is learning.
+changed its habit; a client whose updates point with the validation ranking
+(``validation-direction``, over its recent rounds and with it this round too) has that
+evidence excused: its change is learning.
 
 The p-values are combined per client (Bonferroni within detector families, then across
 them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yardsticks
