@@ -156,6 +156,9 @@ class Detector(ABC):
     # A detector that asks only whether a client changed its habit: a change of habit
     # towards what ranks the clean validation cases is learning, not harm (see ``excuse``).
     habit_only: ClassVar[bool] = False
+    # A detector that sums its own evidence over rounds (Stouffer) is left out of the guard's
+    # Fisher combination over rounds, which would count its past rounds a second time.
+    sums_over_rounds: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -318,6 +321,7 @@ class SoloRankingDetector(Detector):
     # validation cases: an honest hospital whose cosine with the ranking was +0.17 was
     # flagged in round 6 because its model alone ranked 0.02 below its first round's record.
     habit_only = True
+    sums_over_rounds = True
     min_drop: ClassVar[float] = 0.03  # validation AUROC: smaller drops are sampling noise
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
@@ -334,8 +338,7 @@ class SoloRankingDetector(Detector):
         p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
         reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over "
                    f"{len(m.z_history(self.name)) + 1} rounds)" for c, s, m in zip(changes, pooled, evidence.memories)]
-        alone = np.where(drop > self.min_drop, upper_p(z), 1.0)  # one round's robust z: heavy-tailed
-        return Finding(p_values, reasons, {"z": z, "relative": relative, "alone_p": alone})
+        return Finding(p_values, reasons, {"z": z, "relative": relative})
 
 
 class ValidationDirectionDetector(Detector):
@@ -360,6 +363,7 @@ class ValidationDirectionDetector(Detector):
 
     name = "validation-direction"
     family = "intervention"
+    sums_over_rounds = True
     # The bootstrap error is one round's; the same cases serve every round, so their quirks
     # do not average out: on 3000 fresh cases, 200-case cosines of honest hospitals were
     # off by up to 2.3 errors. With twice the error, every honest hospital's z stayed
@@ -387,8 +391,7 @@ class ValidationDirectionDetector(Detector):
         reasons = [f"its update points {'against' if c < 0 else 'with'} the validation ranking (cosine {c:+.2f} "
                    f"+/- {e:.2f}; z {s:+.1f} over {k} rounds with a direction)"
                    for c, e, s, k in zip(cosines, errors, pooled, counts)]
-        alone = norm.sf(np.nan_to_num(z, nan=-np.inf))
-        return Finding(norm.sf(pooled), reasons, {"z": z, "pooled": pooled, "alone_p": alone})
+        return Finding(norm.sf(pooled), reasons, {"z": z, "pooled": pooled})
 
 
 class CraftedDetector(Detector):
@@ -467,14 +470,10 @@ def excuse(findings: dict[str, Finding], helpful: np.ndarray) -> dict[str, Findi
     """
     if not helpful.any():
         return findings
-
-    def excused(finding: Finding) -> Finding:
-        extra = {**finding.extra, "unexcused_p": finding.p_values}
-        if "alone_p" in extra:  # this round's own evidence, for the sum over rounds
-            extra["alone_p"] = np.where(helpful, 1.0, extra["alone_p"])
-        return Finding(np.where(helpful, 1.0, finding.p_values), finding.reasons, extra)
-
-    return {name: excused(finding) if DETECTORS[name].habit_only else finding for name, finding in findings.items()}
+    return {name: Finding(np.where(helpful, 1.0, finding.p_values), finding.reasons,
+                          {**finding.extra, "unexcused_p": finding.p_values})
+            if DETECTORS[name].habit_only else finding
+            for name, finding in findings.items()}
 
 
 def combine_by_family(p_values: dict[str, np.ndarray]) -> np.ndarray:

@@ -49,8 +49,8 @@ them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yard
 without clients whose evidence is overwhelming: attackers sitting in the middle of the
 others otherwise make honest outliers look odd. Suspicion accumulates across rounds: each
 client's p-value is combined with its last rounds' (Fisher's method, which treats rounds
-as independent, over each round's own evidence: ``alone_p``, without the detectors' sums
-over rounds), a client flagged in enough of the recent rounds stays excluded until it
+as independent, without the detectors that sum their own evidence over rounds,
+``sums_over_rounds``), a client flagged in enough of the recent rounds stays excluded until it
 behaves (and then comes back on probation, as borderline), and a round teaches a client's
 history as much as it was trusted (a flagged round nothing but its solo ranking; a first
 round that much of the way from the yardstick used without a history, except the norm,
@@ -105,7 +105,7 @@ class Assessment:
     """One round's evidence on every client, each from the last pass that judged it."""
 
     this_round: np.ndarray  # combined p-value per client, before accumulation over rounds
-    alone: np.ndarray  # the same without the detectors' own sums over past rounds (``alone_p``)
+    alone: np.ndarray  # the same without the detectors that sum their own rounds (``sums_over_rounds``)
     p_values: dict[str, np.ndarray]
     reasons: dict[str, list[str]]
     residuals: np.ndarray
@@ -195,7 +195,8 @@ class CausalGuard:
             findings = {name: DETECTORS[name]().inspect(evidence) for name in self.detectors}
             findings = excuse(findings, helpful_clients(findings, min_pooled_help=self.min_pooled_help))
             combined = combine_by_family({name: f.p_values for name, f in findings.items()})
-            alone = combine_by_family({name: f.extra.get("alone_p", f.p_values) for name, f in findings.items()})
+            alone = combine_by_family({name: np.ones_like(f.p_values) if DETECTORS[name].sums_over_rounds
+                                       else f.p_values for name, f in findings.items()})
             assessment.record(active, evidence, findings, combined, alone)
             overwhelming = combined <= self.overwhelming_p
             if not overwhelming.any() or (~overwhelming).sum() < 3:  # 3: a median needs others

@@ -325,3 +325,19 @@ def test_a_helpful_client_whose_model_alone_ranks_a_little_worse_is_learning():
 
     assert not flagged_in_last_round(0.2)
     assert flagged_in_last_round(0.0)
+
+
+def test_one_round_against_the_ranking_does_not_outweigh_the_sum_over_rounds():
+    """Seed 12 with 500 validation cases: an honest hospital's cosine with the ranking read
+    +0.17, +0.15, +0.12 and then once -0.12 +/- 0.01 (z 5). Its sum over rounds said -1.9,
+    helpful; fed to the guard's Fisher combination over rounds as well, that one round
+    kept it out for three rounds."""
+    guard, clients = CausalGuard(detectors=("validation-direction",)), [f"h{i}" for i in range(10)]
+    flagged = []
+    for cosine in (0.17, 0.15, 0.12, -0.12, 0.07, 0.13):
+        cosines = np.full(10, 0.2)
+        cosines[3] = cosine
+        verdicts, _ = guard.judge(clients, np.ones((10, 8)), Measurements(ranking_alignments=cosines,
+                                                                         ranking_errors=np.full(10, 0.01)))
+        flagged.append(verdicts[3].flagged)
+    assert not any(flagged), flagged
