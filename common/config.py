@@ -181,8 +181,9 @@ class GuardConfig(_Strict):
     enabled: bool = True
     fdr: float = Field(0.01, gt=0.0, lt=0.5, description="false-discovery rate across clients, per round")
     # 500: with 200, a flipped update's cosine with the validation ranking (-0.1 to -0.3)
-    # was within two or three of its errors, and label-flippers were caught in round 3 to
-    # never; with 500, in round 1 to 3 (benchmarks/RESULTS.md, ninth version).
+    # was within two or three of its errors, and flippers were caught in round 3 to never;
+    # with 500, in round 1 on seeds 9-12, still in rounds 1 to 6 on seeds 2 and 5
+    # (benchmarks/RESULTS.md, ninth version).
     validation_cases: int = Field(500, ge=0, le=10_000, description="server-side clean validation set (0: none)")
 
 

@@ -50,12 +50,12 @@ without clients whose evidence is overwhelming: attackers sitting in the middle 
 others otherwise make honest outliers look odd. Suspicion accumulates across rounds: each
 client's p-value is combined with its last rounds' (Fisher's method, which treats rounds
 as independent, without the detectors that sum their own evidence over rounds,
-``sums_over_rounds``), a client flagged in enough of the recent rounds stays excluded until it
-behaves (and then comes back on probation, as borderline), and a round teaches a client's
-history as much as it was trusted (a flagged round nothing but its solo ranking; a first
-round that much of the way from the yardstick used without a history, except the norm,
-which only a fully trusted round sets). Flagged updates are excluded from the aggregate.
-Borderline ones are down-weighted (and, in the strategy, bounded in size).
+``sums_over_rounds``), a client flagged in enough of the recent rounds stays excluded
+until it behaves (and then comes back on probation, as borderline), and a round teaches a
+client's history as much as it was trusted (a flagged round nothing but its solo
+ranking; a first round that much of the way from the yardstick used without a history,
+except the norm, which only a fully trusted round sets). Flagged updates are excluded from
+the aggregate. Borderline ones are down-weighted (and, in the strategy, bounded in size).
 """
 
 from __future__ import annotations
