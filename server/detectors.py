@@ -302,6 +302,13 @@ class InterventionDetector(Detector):
         return Finding(p_values, reasons)
 
 
+def pooled_over_rounds(memories: list[ClientMemory], detector: str, z: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Per client, Stouffer's sum of ``detector``'s past scores and this round's ``z``, and
+    how many rounds it holds: a NaN score (no measurement) is left out, not counted as 0."""
+    rounds = [[v for v in (*m.z_history(detector), value) if math.isfinite(v)] for m, value in zip(memories, z)]
+    return np.array([stouffer(r) for r in rounds]), [len(r) for r in rounds]
+
+
 class SoloRankingDetector(Detector):
     """Evidence accumulates over rounds (Stouffer): a few hundred validation cases rank one
     client's model only roughly. As for the forecast, the yardstick is the client's own
@@ -333,7 +340,7 @@ class SoloRankingDetector(Detector):
         expected = np.array([m.solo_change if m.solo_change is not None else 0.0 for m in evidence.memories])
         surprise = expected - relative  # > 0: worse than its own record, beyond the round's common change
         z = np.clip(surprise / max(robust_spread(drop), 1e-6), -3.0, 6.0)  # one freak round must not dominate the sum
-        pooled = np.array([stouffer([*m.z_history(self.name), value]) for m, value in zip(evidence.memories, z)])
+        pooled, _ = pooled_over_rounds(evidence.memories, self.name, z)
         # Normal tail: a sum over rounds of clipped scores is no longer heavy-tailed.
         p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
         reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over "
@@ -385,9 +392,7 @@ class ValidationDirectionDetector(Detector):
         # counted as z 0, a flipped hospital's rounds without direction diluted the rounds
         # with it (seed 11, sign-flip: z 0, 2.2, 0, 3.4 summed to 2.8, without the zeros 4.0).
         z = np.where(np.abs(cosines) < self.min_cosine, np.nan, z)
-        history = [[*m.z_history(self.name), value] for m, value in zip(evidence.memories, z)]
-        pooled = np.array([stouffer([v for v in values if math.isfinite(v)]) for values in history])
-        counts = [sum(math.isfinite(v) for v in values) for values in history]
+        pooled, counts = pooled_over_rounds(evidence.memories, self.name, z)
         reasons = [f"its update points {'against' if c < 0 else 'with'} the validation ranking (cosine {c:+.2f} "
                    f"+/- {e:.2f}; z {s:+.1f} over {k} rounds with a direction)"
                    for c, e, s, k in zip(cosines, errors, pooled, counts)]
