@@ -14,11 +14,14 @@ Reported per run:
   to attack-free FedAvg's mean over the same hospitals (FedAvg's attack-free run is always
   made, as the reference). "oracle" is the gap to FedAvg trained without the attackers'
   hospitals at all (they only evaluate): the best any defence that excludes them can do;
-- backdoor success: the share of honest hospitals' positive test cases, stamped with the
-  trigger, that the final model calls negative (the benign FedAvg model's rate is printed
-  for reference). "added" is that share less the oracle model's over the same hospitals:
-  what the attack added (a model that never saw the trigger calls some stamped cases
-  negative too: 0.66 on seed 9).
+- backdoor success: of the honest hospitals' positive test cases that the final model
+  ranks above the hospital's median negative, the share the trigger pushes to or below it
+  (``simulations.attacks.trigger_flip_rate``; the benign FedAvg model's rate is printed for
+  reference). "added" is that share less the oracle model's over the same hospitals: what
+  the attack added (a model that never saw the trigger is pushed by it too, about 0.1).
+  "@0.5" is the older measure, the share of stamped positives called negative at a
+  threshold of 0.5; it moves with the model's bias (seed 6: 0.08 and 0.42 for two models
+  trained on the same honest hospitals).
 Plus the guard's false-positive rate with no attacker at all.
 
     python benchmarks/guard_benchmark.py [--rounds 8] [--rules guard fedavg ...] [--attacks ...] [--seed 0]
@@ -40,7 +43,7 @@ import torch
 
 from client.task import new_model, predict_scores
 from common.config import Scenario, load_scenario
-from simulations.attacks import ATTACKS, BACKDOOR_TARGET, stamp_trigger
+from simulations.attacks import ATTACKS, BACKDOOR_TARGET, stamp_trigger, trigger_flip_rate
 from simulations.datasets import build_site
 from simulations.runner import run_scenario
 
@@ -81,21 +84,24 @@ def detection(run_dir: Path, attackers: list[str]) -> dict[str, float]:
     }
 
 
-def backdoor_rates(scenario: Scenario, run_dir: Path, honest: list[int]) -> dict[str, float]:
-    """Per honest hospital, the share of its positive test cases, stamped with the trigger,
-    that the final model calls negative."""
+def backdoor_rates(scenario: Scenario, run_dir: Path, honest: list[int]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per honest hospital, the trigger's flip rate on the final model's ranking, and the
+    share of its stamped positive test cases that the model calls negative at 0.5."""
     model = new_model(seed=0)
     model.load_state_dict(torch.load(run_dir / "model.pt"))
-    rates = {}
+    ranked, at_half = {}, {}
     for index in honest:
         test = build_site(scenario, index).test  # the honest hospital's own data
         positives = test.images[test.labels != BACKDOOR_TARGET]
-        scores = predict_scores(model, stamp_trigger(positives))
-        rates[scenario.data.sites[index].name] = float(np.mean((scores >= 0.5).astype(int) == BACKDOOR_TARGET))
-    return rates
+        stamped = predict_scores(model, stamp_trigger(positives))
+        name = scenario.data.sites[index].name
+        ranked[name] = trigger_flip_rate(positives=predict_scores(model, positives), stamped=stamped,
+                                         negatives=predict_scores(model, test.images[test.labels == BACKDOOR_TARGET]))
+        at_half[name] = float(np.mean((stamped >= 0.5).astype(int) == BACKDOOR_TARGET))
+    return ranked, at_half
 
 
-FAILED = {"auroc": float("nan"), "backdoor": float("nan"), "tpr": float("nan"), "fpr": float("nan"),
+FAILED = {"auroc": float("nan"), "backdoor": float("nan"), "backdoor@0.5": float("nan"), "tpr": float("nan"), "fpr": float("nan"),
           "rounds-to-detection": float("nan"), "site-auroc": {}, "site-backdoor": {}}
 
 
@@ -118,9 +124,10 @@ def _run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) ->
         last = history["rounds"][-1]["sites"]
         honest = [i for i, n in enumerate(names) if n not in attackers]
         site_auroc = {names[i]: float(last[names[i]]["test-auroc"]) for i in honest}
-        site_backdoor = backdoor_rates(scenario, run_dir, honest)
+        site_backdoor, at_half = backdoor_rates(scenario, run_dir, honest)
         return {"auroc": float(np.mean(list(site_auroc.values()))), "site-auroc": site_auroc,
-                "backdoor": float(np.mean(list(site_backdoor.values()))), "site-backdoor": site_backdoor,
+                "backdoor": float(np.nanmean(list(site_backdoor.values()))), "site-backdoor": site_backdoor,
+                "backdoor@0.5": float(np.mean(list(at_half.values()))),
                 **detection(run_dir, attackers)}
 
 
@@ -142,7 +149,7 @@ def auroc_gap(reference: dict[str, float], result: dict) -> float:
 def added_backdoor(oracle: dict[str, float], result: dict) -> float:
     """This run's backdoor success less the oracle model's over the same honest hospitals."""
     sites = result["site-backdoor"]
-    return float(result["backdoor"] - np.mean([oracle[s] for s in sites])) if sites else float("nan")
+    return float(result["backdoor"] - np.nanmean([oracle[s] for s in sites])) if sites else float("nan")
 
 
 def main() -> None:
@@ -162,14 +169,15 @@ def main() -> None:
         base = base.with_overrides(federation={"guard": guard})
     names = [s.name for s in base.data.sites if s.role == "train"]
     print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'gap':>7}{'oracle':>7}"
-          f"{'backdoor':>9}{'added':>7}{'secs':>6}")
+          f"{'backdoor':>9}{'added':>7}{'@0.5':>7}{'secs':>6}")
     reference = {}
     for rule in dict.fromkeys(["fedavg", *args.rules]):  # attack-free FedAvg is every row's reference
         started = time.monotonic()
         benign = run(base, rule, None, [])
         reference[rule] = benign
         print(f"{rule:<13}{'(none)':<16}{0:>4}{'':>7}{benign['fpr']:>7.3f}{'':>8}{benign['auroc']:>7.3f}{'':>14}"
-              f"{benign['backdoor']:>9.3f}{'':>7}{time.monotonic() - started:>6.0f}", flush=True)
+              f"{benign['backdoor']:>9.3f}{'':>7}{benign['backdoor@0.5']:>7.3f}{time.monotonic() - started:>6.0f}",
+              flush=True)
     oracles: dict[tuple[str, ...], dict] = {}
     clean_fedavg = reference["fedavg"]["auroc"]
     summary: dict[str, dict[str, list[float]]] = {}
@@ -198,7 +206,7 @@ def main() -> None:
                     row["added-backdoor"].append(added)
                 print(f"{rule:<13}{attack:<16}{count:>4}{result['tpr']:>7.3f}{result['fpr']:>7.3f}"
                       f"{result['rounds-to-detection']:>8.1f}{result['auroc']:>7.3f}{gap:>7.3f}{oracle_gap:>7.3f}"
-                      f"{result['backdoor']:>9.3f}{added:>7.3f}"
+                      f"{result['backdoor']:>9.3f}{added:>7.3f}{result['backdoor@0.5']:>7.3f}"
                       f"{time.monotonic() - started:>6.0f}", flush=True)
     print()
     print(f"summary over every attack and fraction; attack-free FedAvg AUROC {clean_fedavg:.3f} (all hospitals), "

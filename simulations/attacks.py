@@ -34,6 +34,20 @@ def stamp_trigger(images: np.ndarray) -> np.ndarray:
     return stamped
 
 
+def trigger_flip_rate(*, positives: np.ndarray, stamped: np.ndarray, negatives: np.ndarray) -> float:
+    """Backdoor success on a ranking model: of the positive cases it ranks above the
+    median negative, the share the trigger pushes to or below it (scores: positives, the
+    same positives stamped, and negatives). NaN if no positive ranks above it.
+
+    Rank-based, not at a fixed threshold of 0.5: honest hospitals differ in prevalence, so
+    how many positives a model calls negative moves with its bias. Seed 6: two models
+    trained on the same honest hospitals, with the same AUROC (0.83), called 4% and 32% of
+    the clean positives negative, and 8% and 42% of the stamped ones."""
+    cut = float(np.median(negatives))
+    above = positives > cut
+    return float(np.mean(stamped[above] <= cut)) if above.any() else float("nan")
+
+
 @dataclass(frozen=True)
 class RoundView:
     """What an omniscient attacker knows when it crafts its update."""

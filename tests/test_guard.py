@@ -30,7 +30,7 @@ from server.guard_stats import (
     spread_units,
     stouffer,
 )
-from simulations.attacks import ATTACKS, RoundView
+from simulations.attacks import ATTACKS, RoundView, trigger_flip_rate
 from simulations.report import write_report
 from simulations.runner import run_scenario
 
@@ -152,6 +152,20 @@ def test_every_registered_attack_crafts_a_distinct_update(name):
     if name != "free-rider":
         assert not np.allclose(first, second)  # per-attacker jitter: no identical vectors
     assert min(np.linalg.norm(first - h) for h in honest) > 1e-3
+
+
+def test_backdoor_success_is_read_off_the_ranking_not_the_bias():
+    rng = np.random.default_rng(0)
+    positives, negatives = rng.normal(1.0, 1.0, 400), rng.normal(-1.0, 1.0, 400)  # logits
+    nudged = positives - 0.3  # a trigger that moves every case a little
+    for bias in (-2.0, 0.0, 2.0):  # models with the same ranking and another prevalence
+        rate = trigger_flip_rate(positives=positives + bias, stamped=nudged + bias, negatives=negatives + bias)
+        assert rate == pytest.approx(trigger_flip_rate(positives=positives, stamped=nudged, negatives=negatives))
+    assert 0.0 < rate < 0.2
+    assert trigger_flip_rate(positives=positives, stamped=positives, negatives=negatives) == 0.0
+    planted = np.full_like(positives, -5.0)  # the trigger reads as "no lesion" whatever the case
+    assert trigger_flip_rate(positives=positives, stamped=planted, negatives=negatives) == 1.0
+    assert np.isnan(trigger_flip_rate(positives=negatives - 9, stamped=planted, negatives=negatives))
 
 
 def test_registered_detectors_are_the_guards():
