@@ -23,6 +23,7 @@ from server.guard_stats import (
     spread_regularity,
     spread_units,
     stouffer,
+    stouffer_upper_p,
     upper_p,
 )
 
@@ -340,9 +341,12 @@ class SoloRankingDetector(Detector):
         expected = np.array([m.solo_change if m.solo_change is not None else 0.0 for m in evidence.memories])
         surprise = expected - relative  # > 0: worse than its own record, beyond the round's common change
         z = np.clip(surprise / max(robust_spread(drop), 1e-6), -3.0, 6.0)  # one freak round must not dominate the sum
-        pooled, _ = pooled_over_rounds(evidence.memories, self.name, z)
-        # Normal tail: a sum over rounds of clipped scores is no longer heavy-tailed.
-        p_values = np.where(drop > self.min_drop, norm.sf(pooled), 1.0)
+        pooled, rounds = pooled_over_rounds(evidence.memories, self.name, z)
+        # Each round's score is a robust z of a few clients, heavy-tailed: in round 1, with
+        # no history, honest hospitals of another population make two clusters, and the
+        # spread of the larger one is no yardstick for the smaller (seed 8: two honest
+        # hospitals at z 3.7 and 3.8, flagged with the normal tail).
+        p_values = np.where(drop > self.min_drop, stouffer_upper_p(pooled, rounds), 1.0)
         reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over "
                    f"{len(m.z_history(self.name)) + 1} rounds)" for c, s, m in zip(changes, pooled, evidence.memories)]
         return Finding(p_values, reasons, {"z": z, "relative": relative})

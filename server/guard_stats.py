@@ -126,6 +126,18 @@ def stouffer(z_scores: list[float]) -> float:
     return float(np.sum(z_scores) / math.sqrt(len(z_scores))) if z_scores else 0.0
 
 
+def stouffer_upper_p(pooled: np.ndarray, rounds: np.ndarray | list[int]) -> np.ndarray:
+    """Upper p-value of Stouffer sums of ``rounds`` robust z-scores each.
+
+    Each score is heavy-tailed (Student-t with ``HEAVY_TAIL_DF``); their scaled sum is less
+    so. A Student-t whose excess kurtosis matches the sum's has 4 + (df - 4) * rounds
+    degrees of freedom: one round is judged as any robust z of a few clients, many rounds
+    approach the normal.
+    """
+    degrees = 4.0 + (HEAVY_TAIL_DF - 4.0) * np.maximum(np.asarray(rounds, dtype=float), 1.0)
+    return student_t.sf(pooled, degrees)
+
+
 def accumulate_over_rounds(current: float, past: list[float], *, alone: float | None = None) -> float:
     """This round's p-value or Fisher's combination with the client's recent rounds,
     whichever is smaller (x2 for taking the smaller): a sudden change still counts alone,

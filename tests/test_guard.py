@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 from common.config import ScenarioError, load_scenario, parse_scenario
 from server.detectors import (
@@ -29,6 +30,8 @@ from server.guard_stats import (
     spread_regularity,
     spread_units,
     stouffer,
+    stouffer_upper_p,
+    upper_p,
 )
 from simulations.attacks import ATTACKS, RoundView, trigger_flip_rate
 from simulations.report import write_report
@@ -242,10 +245,11 @@ def test_a_minority_cluster_of_hospitals_is_not_a_set_of_copies():
 def test_solo_ranking_blames_harm_not_difference():
     """A hospital whose model alone always ranks the validation cases a little worse is
     forgiven once its history is known (though down-weighted in its first round, that round
-    starts its history). One whose model alone wrecks the ranking from the start is flagged
-    at once; solo ranking then learns that trait too (its round-1 evidence fades out of the
-    sum), and what keeps it out is that its update points against the ranking, judged
-    against zero whatever its history."""
+    starts its history). One whose model alone wrecks the ranking from the start has solo
+    ranking's strongest evidence at once (though not enough alone: one round of a few
+    clients is heavy-tailed); solo ranking then learns that trait too (its round-1 evidence
+    fades out of the sum), and what flags and keeps it out is that its update points
+    against the ranking, judged against zero whatever its history."""
     rng = np.random.default_rng(5)
     clients = [f"h{i}" for i in range(10)]
 
@@ -266,12 +270,30 @@ def test_solo_ranking_blames_harm_not_difference():
         return flagged, p_always_worse, p_wrecker
 
     flagged, p_always_worse, p_wrecker = run(("solo-ranking",))
-    assert all(f == ["h7"] for f in flagged[:3]) and not any("h4" in f for f in flagged), flagged
+    assert not any("h4" in f for f in flagged), flagged
     assert p_always_worse[-1] > p_always_worse[0]
-    assert p_wrecker[0] < 1e-6 and p_wrecker[-1] > p_wrecker[0]  # a trait, once known
+    assert p_wrecker[0] < 0.01 and p_wrecker[-1] > p_wrecker[0]  # a trait, once known
     flagged, _, _ = run(("solo-ranking", "validation-direction"))
-    assert all(f == ["h7"] for f in flagged), flagged
+    # z 2 a round against the ranking (cosine -0.2 +/- 0.05, error doubled): enough by round 4
+    assert all(f == ["h7"] for f in flagged[3:]) and not any("h4" in f for f in flagged), flagged
     assert stouffer([3.0, 3.0, 3.0, 3.0]) == pytest.approx(6.0)
+
+
+def test_two_honest_clusters_in_round_one_are_not_flagged():
+    """Seed 8, round 1: eight hospitals' models alone gained 0.11-0.18 validation AUROC,
+    two of another population lost 0.06. Against the spread of the larger cluster, the two
+    were 3.7 and 3.8 robust z away, and with a normal tail both were flagged once two
+    attackers' p of 0 had loosened Benjamini-Hochberg. Their updates had no direction."""
+    clients = [f"h{i}" for i in range(10)]
+    changes = np.array([-0.057, -0.010, -0.006, 0.171, 0.108, 0.111, 0.116, 0.117, 0.180, -0.062])
+    measured = Measurements(solo_auroc_changes=changes, ranking_alignments=np.full(10, 0.0),
+                            ranking_errors=np.full(10, 0.03))
+    sketches = np.random.default_rng(3).normal(size=(10, 64))
+    sketches[2] = sketches[1] * 1.01  # two colluders, overwhelming evidence
+    verdicts, _ = CausalGuard().judge(clients, sketches, measured)
+    assert {v.client for v in verdicts if v.flagged} == {"h1", "h2"}
+    assert stouffer_upper_p(np.array([3.0]), [1]) == pytest.approx(upper_p(np.array([3.0])))
+    assert stouffer_upper_p(np.array([3.0]), [2000]) == pytest.approx(norm.sf(3.0), rel=0.02)
 
 
 def test_a_trait_flagged_in_round_one_is_not_flagged_for_ever():
