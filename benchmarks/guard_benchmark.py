@@ -18,7 +18,7 @@ Reported per run:
   ranks above the hospital's median negative, the share the trigger pushes to or below it
   (``simulations.attacks.trigger_flip_rate``; the benign FedAvg model's rate is printed for
   reference). "added" is that share less the oracle model's over the same hospitals: what
-  the attack added (a model that never saw the trigger is pushed by it too, about 0.1).
+  the attack added (a model that never saw the trigger is pushed by it too: 0.02-0.12).
   "@0.5" is the older measure, the share of stamped positives called negative at a
   threshold of 0.5; it moves with the model's bias (seed 6: 0.08 and 0.42 for two models
   trained on the same honest hospitals).
@@ -101,8 +101,8 @@ def backdoor_rates(scenario: Scenario, run_dir: Path, honest: list[int]) -> tupl
     return ranked, at_half
 
 
-FAILED = {"auroc": float("nan"), "backdoor": float("nan"), "backdoor@0.5": float("nan"), "tpr": float("nan"), "fpr": float("nan"),
-          "rounds-to-detection": float("nan"), "site-auroc": {}, "site-backdoor": {}}
+FAILED = {"auroc": float("nan"), "backdoor": float("nan"), "backdoor@0.5": float("nan"), "tpr": float("nan"),
+          "fpr": float("nan"), "rounds-to-detection": float("nan"), "site-auroc": {}, "site-backdoor": {}}
 
 
 def run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) -> dict[str, float]:

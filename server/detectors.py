@@ -347,8 +347,8 @@ class SoloRankingDetector(Detector):
         # spread of the larger one is no yardstick for the smaller (seed 8: two honest
         # hospitals at z 3.7 and 3.8, flagged with the normal tail).
         p_values = np.where(drop > self.min_drop, stouffer_upper_p(pooled, rounds), 1.0)
-        reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over "
-                   f"{len(m.z_history(self.name)) + 1} rounds)" for c, s, m in zip(changes, pooled, evidence.memories)]
+        reasons = [f"its model alone changes validation AUROC by {c:+.3f} (z {s:+.1f} over {k} rounds)"
+                   for c, s, k in zip(changes, pooled, rounds)]
         return Finding(p_values, reasons, {"z": z, "relative": relative})
 
 
