@@ -1,0 +1,141 @@
+"""Study: how far one round's validation-direction evidence separates flippers from honest
+hospitals, round by round (issue 4's remaining TPR gap).
+
+The guard's ``validation-direction`` detector scores an update by its cosine with the
+descent direction of a ranking loss on the server's validation cases, over the cosine's
+bootstrap error doubled (``ValidationDirectionDetector``). This script runs the guard
+scenario under sign-flip and label-flip attacks (and none), records every client's cosine
+and error each round, and asks what the doubling costs and what it buys:
+
+- attackers: the share whose one-round z reaches the z a client needs to be flagged alone
+  in its first round (Benjamini-Hochberg's smallest threshold, after the guard's Bonferroni
+  over detector families), with the error as measured and as the guard doubles it;
+- honest hospitals: the share of their rounds over that z, measured and doubled, and
+  their largest one-round z as measured, and where.
+
+A round whose cosine is under the detector's ``min_cosine`` has no direction and no z.
+
+    python benchmarks/ranking_evidence.py [--seeds 1 11] [--rounds 6] [--attacks sign-flip label-flip]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import norm
+
+from common.config import Scenario, load_scenario
+from server.detectors import ValidationDirectionDetector, combine_by_family
+from server.guard import CausalGuard
+from simulations.runner import run_scenario
+
+COUNTS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One client's validation-direction measurement in one round of one run."""
+
+    run: str
+    round: int
+    client: str
+    malicious: bool
+    cosine: float
+    error: float
+
+    def z(self, *, inflation: float) -> float:
+        """Against the ranking, in units of the (inflated) error; NaN without a direction."""
+        if abs(self.cosine) < ValidationDirectionDetector.min_cosine:
+            return float("nan")
+        return -self.cosine / max(inflation * self.error, 1e-12)
+
+
+def first_round_flag_z(detectors: tuple[str, ...], *, fdr: float, clients: int) -> float:
+    """The validation-direction z a lone client needs to be flagged in a round with no
+    history: Benjamini-Hochberg's smallest threshold (``fdr`` over ``clients``), after the
+    guard's Bonferroni within and across detector families (``combine_by_family``)."""
+    tiny = 1e-12
+    factor = combine_by_family({d: np.array([tiny if d == ValidationDirectionDetector.name else 1.0])
+                                for d in detectors})[0] / tiny
+    return float(norm.isf(fdr / clients / factor))
+
+
+def record_readings(scenario: Scenario, run: str, attackers: list[str]) -> list[Reading]:
+    """Run ``scenario`` and keep what the guard measured of every update, every round."""
+    readings: list[Reading] = []
+    judge = CausalGuard.judge
+
+    def recording_judge(guard: CausalGuard, clients: list[str], sketches: np.ndarray, measured=None):
+        # Wrapped, not subclassed: the runner builds its own guard from the scenario.
+        round_ = 1 + len({r.round for r in readings if r.run == run})
+        if measured is not None and measured.ranking_alignments is not None:
+            readings.extend(Reading(run, round_, c, c in attackers, float(cos), float(err))
+                            for c, cos, err in zip(clients, measured.ranking_alignments, measured.ranking_errors))
+        return judge(guard, clients, sketches, measured)
+
+    CausalGuard.judge = recording_judge
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            run_scenario(scenario, run_dir=Path(folder))
+    finally:
+        CausalGuard.judge = judge
+    return readings
+
+
+def _share_over(readings: list[Reading], *, flag_z: float, inflation: float) -> float:
+    """The share of ``readings`` whose z reaches ``flag_z`` (NaN for none; no direction: not over)."""
+    return float(np.mean([r.z(inflation=inflation) >= flag_z for r in readings])) if readings else float("nan")
+
+
+def per_round_table(readings: list[Reading], *, flag_z: float, inflation: float) -> list[str]:
+    """One line per round: the shares of attackers and of honest hospitals' rounds over
+    ``flag_z``, with the error as measured and inflated, and the honest hospitals' largest
+    z as measured."""
+    by_round: dict[int, list[Reading]] = defaultdict(list)
+    for reading in readings:
+        by_round[reading.round].append(reading)
+    lines = [f"{'round':>5}{'attackers':>10}{'over, error as measured':>25}{'doubled':>9}{'honest':>8}"
+             f"{'over, as measured':>19}{'doubled':>9}{'honest max z':>14}  where (cosine +/- error)"]
+    for round_, rows in sorted(by_round.items()):
+        bad = [r for r in rows if r.malicious]
+        honest = [r for r in rows if not r.malicious]
+        directed = [r for r in honest if np.isfinite(r.z(inflation=1.0))]
+        shares = [_share_over(group, flag_z=flag_z, inflation=factor) for group in (bad, honest)
+                  for factor in (1.0, inflation)]
+        worst = max(directed, key=lambda r: r.z(inflation=1.0), default=None)
+        where = f"{worst.run} {worst.client} ({worst.cosine:+.2f} +/- {worst.error:.2f})" if worst else ""
+        lines.append(f"{round_:>5}{len(bad):>10}{shares[0]:>25.2f}{shares[1]:>9.2f}{len(honest):>8}"
+                     f"{shares[2]:>19.3f}{shares[3]:>9.3f}"
+                     f"{worst.z(inflation=1.0) if worst else float('nan'):>14.1f}  {where}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 11])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--attacks", nargs="+", default=["sign-flip", "label-flip"])
+    args = parser.parse_args()
+    readings: list[Reading] = []
+    for seed in args.seeds:
+        base = load_scenario("guard").with_overrides(federation={"num_rounds": args.rounds}, seed=seed)
+        names = [s.name for s in base.data.sites if s.role == "train"]
+        runs = [(None, [])] + [(attack, names[1 : 1 + count]) for attack in args.attacks for count in COUNTS]
+        for attack, attackers in runs:
+            scenario = base if attack is None else base.with_overrides(attack={"name": attack, "malicious": attackers})
+            run = f"s{seed}/{attack or 'none'}x{len(attackers)}"
+            readings += record_readings(scenario, run, attackers)
+            print(f"  recorded {run}", flush=True)
+    guard = load_scenario("guard").federation.guard
+    flag_z = first_round_flag_z(CausalGuard().detectors, fdr=guard.fdr, clients=len(names))
+    print(f"\nseeds {args.seeds}; a lone client is flagged in its first round at z >= {flag_z:.2f}")
+    print("\n".join(per_round_table(readings, flag_z=flag_z, inflation=ValidationDirectionDetector.error_inflation)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The ranking-evidence study's arithmetic (benchmarks/ranking_evidence.py); its runs are the study."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from scipy.stats import norm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("ranking_evidence", REPO / "benchmarks" / "ranking_evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_first_round_threshold_counts_the_guards_bonferroni():
+    study = _study()
+    assert study.first_round_flag_z(("validation-direction",), fdr=0.01, clients=10) == pytest.approx(norm.isf(1e-3))
+    # A second family halves the level; a second member of the same family does too.
+    assert study.first_round_flag_z(("validation-direction", "forecast"), fdr=0.01, clients=10) == pytest.approx(
+        norm.isf(5e-4))
+    assert study.first_round_flag_z(("validation-direction", "solo-ranking"), fdr=0.01, clients=10) == pytest.approx(
+        norm.isf(5e-4))
+
+
+def test_the_table_counts_attackers_over_the_threshold_and_the_worst_honest_round():
+    study = _study()
+    readings = [study.Reading("s1/x", 1, "a", True, -0.25, 0.04), study.Reading("s1/x", 1, "b", True, -0.12, 0.04),
+                study.Reading("s1/x", 1, "h", False, -0.11, 0.02), study.Reading("s1/x", 1, "g", False, 0.02, 0.001)]
+    header, row = study.per_round_table(readings, flag_z=4.0, inflation=2.0)
+    fields = row.split()
+    # a: -0.25/0.04 is z 6.25, doubled 3.1; h: 0.11/0.02 is 5.5, doubled 2.75; g has no direction.
+    assert fields[:8] == ["1", "2", "0.50", "0.00", "2", "0.500", "0.000", "5.5"], row
+    assert "s1/x h (-0.11 +/- 0.02)" in row  # g has no direction: no z
