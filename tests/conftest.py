@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -13,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 def shared_data_dir() -> Path:
     """The verified real data beside the checkout (CI clones put shared/ next to the repo)."""
     return Path(os.environ.get("CAUSALFED_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script under benchmarks/ (not a package) as a module, so tests can call its parts."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +14,10 @@ from server.explain import (
     logistic_loss_and_grad,
     shapley_values,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
+from tests.conftest import load_benchmark
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("explain_benchmark", REPO / "benchmarks" / "explain_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("explain_benchmark")
 
 
 def test_shapley_values_are_efficient_and_fair():

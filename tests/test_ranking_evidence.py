@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 from scipy.stats import norm
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("ranking_evidence", REPO / "benchmarks" / "ranking_evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ranking_evidence")
 
 
 def test_the_first_round_threshold_counts_the_guards_bonferroni():
