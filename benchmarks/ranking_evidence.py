@@ -49,10 +49,9 @@ class Reading:
     error: float
 
     def z(self, *, inflation: float) -> float:
-        """Against the ranking, in units of the (inflated) error; NaN without a direction."""
-        if abs(self.cosine) < ValidationDirectionDetector.min_cosine:
-            return float("nan")
-        return -self.cosine / max(inflation * self.error, 1e-12)
+        """The detector's one-round score, unclipped (``ValidationDirectionDetector.round_z``)."""
+        return float(ValidationDirectionDetector.round_z(np.array([self.cosine]), np.array([self.error]),
+                                                         inflation=inflation)[0])
 
 
 def first_round_flag_z(detectors: tuple[str, ...], *, fdr: float, clients: int) -> float:

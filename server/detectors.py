@@ -385,17 +385,25 @@ class ValidationDirectionDetector(Detector):
     # change of habit. Honest updates' cosines are 0.1-0.45, flipped ones' -0.1 to -0.46.
     min_cosine: ClassVar[float] = 0.05
 
+    @classmethod
+    def round_z(cls, cosines: np.ndarray, errors: np.ndarray, *, inflation: float) -> np.ndarray:
+        """One round's score per update: > 0 against the ranking, in units of its
+        ``inflation`` times its bootstrap error; NaN where it has no direction.
+
+        No direction is no measurement (NaN, left out of the sums), not a measured zero:
+        counted as z 0, a flipped hospital's rounds without direction diluted the rounds
+        with it (seed 11, sign-flip: z 0, 2.2, 0, 3.4 summed to 2.8, without the zeros 4.0).
+        """
+        z = -cosines / np.maximum(inflation * errors, 1e-6)
+        return np.where(np.abs(cosines) < cls.min_cosine, np.nan, z)
+
     def inspect(self, evidence: RoundEvidence) -> Finding:
         n, measured = len(evidence.clients), evidence.measured
         cosines, errors = measured.ranking_alignments, measured.ranking_errors
         if cosines is None or errors is None or not (np.isfinite(cosines).all() and np.isfinite(errors).all()):
             return Finding(np.ones(n), [""] * n)  # no validation set, or a one-class one
-        # > 0: against the ranking. Clipped: one freak round must not dominate the sum.
-        z = np.clip(-cosines / np.maximum(self.error_inflation * errors, 1e-6), -3.0, 6.0)
-        # No direction is no measurement (NaN, left out of the sums), not a measured zero:
-        # counted as z 0, a flipped hospital's rounds without direction diluted the rounds
-        # with it (seed 11, sign-flip: z 0, 2.2, 0, 3.4 summed to 2.8, without the zeros 4.0).
-        z = np.where(np.abs(cosines) < self.min_cosine, np.nan, z)
+        # Clipped: one freak round must not dominate the sum (NaN stays NaN).
+        z = np.clip(self.round_z(cosines, errors, inflation=self.error_inflation), -3.0, 6.0)
         pooled, counts = pooled_over_rounds(evidence.memories, self.name, z)
         reasons = [f"its update points {'against' if c < 0 else 'with'} the validation ranking (cosine {c:+.2f} "
                    f"+/- {e:.2f}; z {s:+.1f} over {k} rounds with a direction)"

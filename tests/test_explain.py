@@ -16,6 +16,7 @@ from server.explain import (
 )
 from tests.conftest import load_benchmark
 
+
 def _benchmark():
     return load_benchmark("explain_benchmark")
 
