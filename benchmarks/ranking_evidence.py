@@ -14,8 +14,12 @@ and error each round, and asks what the doubling costs and what it buys:
   their largest one-round z as measured, and where.
 
 A round whose cosine is under the detector's ``min_cosine`` has no direction and no z.
+From the federation's initial model the guard takes the error as measured
+(``first_round_inflation``): honest hospitals' first rounds, on many seeds, are what
+allows that (``--rounds 1 --attacks`` with no attack runs them alone, 6 s a seed).
 
     python benchmarks/ranking_evidence.py [--seeds 1 11] [--rounds 6] [--attacks sign-flip label-flip]
+    python benchmarks/ranking_evidence.py --seeds $(seq 0 60) --rounds 1 --attacks
 """
 
 from __future__ import annotations
@@ -118,7 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 11])
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--attacks", nargs="+", default=["sign-flip", "label-flip"])
+    parser.add_argument("--attacks", nargs="*", default=["sign-flip", "label-flip"],
+                        help="none given: the attack-free run only (e.g. many seeds' first rounds)")
     args = parser.parse_args()
     readings: list[Reading] = []
     for seed in args.seeds:

@@ -159,8 +159,30 @@ def test_rounds_without_direction_do_not_dilute_rounds_with_one():
             guard.judge(clients, np.ones((6, 8)), Measurements(ranking_alignments=cosines, ranking_errors=errors))
         return float(norm.isf(found.p_values["validation-direction"][5]))
 
-    assert pooled_z_of_h5([-0.03, -0.26, -0.04, -0.23]) == pytest.approx(pooled_z_of_h5([-0.26, -0.23]))
+    assert pooled_z_of_h5([-0.03, -0.26, -0.04, -0.23]) == pytest.approx(pooled_z_of_h5([-0.03, -0.26, -0.23]))
     assert pooled_z_of_h5([-0.03, -0.26, -0.04, -0.23]) > 4.0
+
+
+def test_from_the_shared_start_the_error_is_inflated_less():
+    """From the federation's initial model every honest update carries first what all
+    hospitals agree on, so a first round's cosine is judged on 1.5 times its bootstrap
+    error, later rounds' on twice it. A late joiner starts from a trained model, and a
+    restarted server from the memories it saved: neither is a shared start."""
+    clients, errors = [f"h{i}" for i in range(6)], np.full(6, 0.04)
+    cosines = np.array([0.2, 0.25, 0.15, 0.3, 0.2, -0.3])
+
+    def round_z(guard: CausalGuard, names: list[str]) -> np.ndarray:
+        found = guard.assess(names, np.ones((len(names), 8)), Measurements(ranking_alignments=cosines[: len(names)],
+                                                                           ranking_errors=errors[: len(names)]))
+        return found.round_z["validation-direction"]
+
+    guard = CausalGuard(detectors=("validation-direction",))
+    assert round_z(guard, clients)[5] == pytest.approx(0.3 / (1.5 * 0.04))
+    guard.judge(clients[:5], np.ones((5, 8)), Measurements(ranking_alignments=cosines[:5], ranking_errors=errors[:5]))
+    assert round_z(guard, clients)[5] == pytest.approx(0.3 / (2.0 * 0.04))  # h5 joins in round 2
+    restarted = CausalGuard(detectors=("validation-direction",),
+                            memories={c: ClientMemory.from_dict(m.as_dict()) for c, m in guard.memories.items()})
+    assert round_z(restarted, clients)[5] == pytest.approx(0.3 / (2.0 * 0.04))
 
 
 def test_accumulated_evidence_survives_a_saved_state():
