@@ -3,14 +3,15 @@ hospitals, round by round (issue 4's remaining TPR gap).
 
 The guard's ``validation-direction`` detector scores an update by its cosine with the
 descent direction of a ranking loss on the server's validation cases, over the cosine's
-bootstrap error doubled (``ValidationDirectionDetector``). This script runs the guard
+bootstrap error inflated (``ValidationDirectionDetector``). This script runs the guard
 scenario under sign-flip and label-flip attacks (and none), records every client's cosine
-and error each round, and asks what the doubling costs and what it buys:
+and error each round, and asks what the inflation costs and what it buys:
 
 - attackers: the share whose one-round z reaches the z a client needs to be flagged alone
   in its first round (Benjamini-Hochberg's smallest threshold, after the guard's Bonferroni
-  over detector families), with the error as measured and as the guard doubles it;
-- honest hospitals: the share of their rounds over that z, measured and doubled, and
+  over detector families), with the error as measured and as the guard inflates it (x1.5
+  in the first round, x2 after);
+- honest hospitals: the share of their rounds over that z, measured and inflated, and
   their largest one-round z as measured, and where.
 
 A round whose cosine is under the detector's ``min_cosine`` has no direction and no z.
@@ -95,16 +96,18 @@ def _share_over(readings: list[Reading], *, flag_z: float, inflation: float) -> 
     return float(np.mean([r.z(inflation=inflation) >= flag_z for r in readings])) if readings else float("nan")
 
 
-def per_round_table(readings: list[Reading], *, flag_z: float, inflation: float) -> list[str]:
+def per_round_table(readings: list[Reading], *, flag_z: float) -> list[str]:
     """One line per round: the shares of attackers and of honest hospitals' rounds over
-    ``flag_z``, with the error as measured and inflated, and the honest hospitals' largest
-    z as measured."""
+    ``flag_z``, with the error as measured and as the guard inflates it that round
+    (``ValidationDirectionDetector.inflation``), and the honest hospitals' largest z as
+    measured."""
     by_round: dict[int, list[Reading]] = defaultdict(list)
     for reading in readings:
         by_round[reading.round].append(reading)
-    lines = [f"{'round':>5}{'attackers':>10}{'over, error as measured':>25}{'doubled':>9}{'honest':>8}"
-             f"{'over, as measured':>19}{'doubled':>9}{'honest max z':>14}  where (cosine +/- error)"]
+    lines = [f"{'round':>5}{'attackers':>10}{'over, error as measured':>25}{'guard':>7}{'(x)':>5}{'honest':>8}"
+             f"{'over, as measured':>19}{'guard':>7}{'honest max z':>14}  where (cosine +/- error)"]
     for round_, rows in sorted(by_round.items()):
+        inflation = ValidationDirectionDetector.inflation(from_shared_start=round_ == 1)
         bad = [r for r in rows if r.malicious]
         honest = [r for r in rows if not r.malicious]
         directed = [r for r in honest if np.isfinite(r.z(inflation=1.0))]
@@ -112,8 +115,8 @@ def per_round_table(readings: list[Reading], *, flag_z: float, inflation: float)
                   for factor in (1.0, inflation)]
         worst = max(directed, key=lambda r: r.z(inflation=1.0), default=None)
         where = f"{worst.run} {worst.client} ({worst.cosine:+.2f} +/- {worst.error:.2f})" if worst else ""
-        lines.append(f"{round_:>5}{len(bad):>10}{shares[0]:>25.2f}{shares[1]:>9.2f}{len(honest):>8}"
-                     f"{shares[2]:>19.3f}{shares[3]:>9.3f}"
+        lines.append(f"{round_:>5}{len(bad):>10}{shares[0]:>25.2f}{shares[1]:>7.2f}{inflation:>5.1f}{len(honest):>8}"
+                     f"{shares[2]:>19.3f}{shares[3]:>7.3f}"
                      f"{worst.z(inflation=1.0) if worst else float('nan'):>14.1f}  {where}")
     return lines
 
@@ -138,7 +141,7 @@ def main() -> None:
     guard = load_scenario("guard").federation.guard
     flag_z = first_round_flag_z(CausalGuard().detectors, fdr=guard.fdr, clients=len(names))
     print(f"\nseeds {args.seeds}; a lone client is flagged in its first round at z >= {flag_z:.2f}")
-    print("\n".join(per_round_table(readings, flag_z=flag_z, inflation=ValidationDirectionDetector.error_inflation)))
+    print("\n".join(per_round_table(readings, flag_z=flag_z)))
 
 
 if __name__ == "__main__":
