@@ -3,21 +3,20 @@ hospitals, round by round (issue 4's remaining TPR gap).
 
 The guard's ``validation-direction`` detector scores an update by its cosine with the
 descent direction of a ranking loss on the server's validation cases, over the cosine's
-bootstrap error inflated (``ValidationDirectionDetector``). This script runs the guard
-scenario under sign-flip and label-flip attacks (and none), records every client's cosine
-and error each round, and asks what the inflation costs and what it buys:
+bootstrap error with an honest round-to-round wobble in quadrature
+(``ValidationDirectionDetector``). This script runs the guard scenario under sign-flip and
+label-flip attacks (and none), records every client's cosine and error each round, and
+asks what the wobble costs and what it buys:
 
 - attackers: the share whose one-round z reaches the z a client needs to be flagged alone
   in its first round (Benjamini-Hochberg's smallest threshold, after the guard's Bonferroni
-  over detector families), with the error as measured and as the guard inflates it (x1.5
-  in the first round, x2 after);
-- honest hospitals: the share of their rounds over that z, measured and inflated, and
-  their largest one-round z as measured, and where.
+  over detector families), with the bootstrap error alone and with the guard's wobble;
+- honest hospitals: the share of their rounds over that z, alone and with the wobble, and
+  their largest one-round z on the bootstrap error alone, and where.
 
 A round whose cosine is under the detector's ``min_cosine`` has no direction and no z.
-From the federation's initial model the guard takes the error as measured
-(``first_round_inflation``): honest hospitals' first rounds, on many seeds, are what
-allows that (``--rounds 1 --attacks`` with no attack runs them alone, 6 s a seed).
+With ``--attacks`` and no attack named, only the attack-free run (e.g. many seeds' first
+rounds: ``--rounds 1``, 6 s a seed).
 
     python benchmarks/ranking_evidence.py [--seeds 1 11] [--rounds 6] [--attacks sign-flip label-flip]
     python benchmarks/ranking_evidence.py --seeds $(seq 0 60) --rounds 1 --attacks
@@ -53,10 +52,10 @@ class Reading:
     cosine: float
     error: float
 
-    def z(self, *, inflation: float) -> float:
+    def z(self, *, wobble: float) -> float:
         """The detector's one-round score, unclipped (``ValidationDirectionDetector.round_z``)."""
         return float(ValidationDirectionDetector.round_z(np.array([self.cosine]), np.array([self.error]),
-                                                         inflation=inflation)[0])
+                                                         wobble=wobble)[0])
 
 
 def first_round_flag_z(detectors: tuple[str, ...], *, fdr: float, clients: int) -> float:
@@ -91,33 +90,31 @@ def record_readings(scenario: Scenario, run: str, attackers: list[str]) -> list[
     return readings
 
 
-def _share_over(readings: list[Reading], *, flag_z: float, inflation: float) -> float:
+def _share_over(readings: list[Reading], *, flag_z: float, wobble: float) -> float:
     """The share of ``readings`` whose z reaches ``flag_z`` (NaN for none; no direction: not over)."""
-    return float(np.mean([r.z(inflation=inflation) >= flag_z for r in readings])) if readings else float("nan")
+    return float(np.mean([r.z(wobble=wobble) >= flag_z for r in readings])) if readings else float("nan")
 
 
-def per_round_table(readings: list[Reading], *, flag_z: float) -> list[str]:
+def per_round_table(readings: list[Reading], *, flag_z: float, wobble: float) -> list[str]:
     """One line per round: the shares of attackers and of honest hospitals' rounds over
-    ``flag_z``, with the error as measured and as the guard inflates it that round
-    (``ValidationDirectionDetector.inflation``), and the honest hospitals' largest z as
-    measured."""
+    ``flag_z``, on the bootstrap error alone and with ``wobble`` in quadrature, and the
+    honest hospitals' largest z on the bootstrap error alone."""
     by_round: dict[int, list[Reading]] = defaultdict(list)
     for reading in readings:
         by_round[reading.round].append(reading)
-    lines = [f"{'round':>5}{'attackers':>10}{'over, error as measured':>25}{'guard':>7}{'(x)':>5}{'honest':>8}"
-             f"{'over, as measured':>19}{'guard':>7}{'honest max z':>14}  where (cosine +/- error)"]
+    lines = [f"{'round':>5}{'attackers':>10}{'over, bootstrap error':>23}{'wobble':>8}{'honest':>8}"
+             f"{'over, bootstrap error':>23}{'wobble':>8}{'max z':>7}{'wobble':>8}  where (cosine +/- error)"]
     for round_, rows in sorted(by_round.items()):
-        inflation = ValidationDirectionDetector.inflation(from_shared_start=round_ == 1)
         bad = [r for r in rows if r.malicious]
         honest = [r for r in rows if not r.malicious]
-        directed = [r for r in honest if np.isfinite(r.z(inflation=1.0))]
-        shares = [_share_over(group, flag_z=flag_z, inflation=factor) for group in (bad, honest)
-                  for factor in (1.0, inflation)]
-        worst = max(directed, key=lambda r: r.z(inflation=1.0), default=None)
+        directed = [r for r in honest if np.isfinite(r.z(wobble=0.0))]
+        shares = [_share_over(group, flag_z=flag_z, wobble=w) for group in (bad, honest) for w in (0.0, wobble)]
+        worst = max(directed, key=lambda r: r.z(wobble=0.0), default=None)
+        worst_wobbled = max((r.z(wobble=wobble) for r in directed), default=float("nan"))
         where = f"{worst.run} {worst.client} ({worst.cosine:+.2f} +/- {worst.error:.2f})" if worst else ""
-        lines.append(f"{round_:>5}{len(bad):>10}{shares[0]:>25.2f}{shares[1]:>7.2f}{inflation:>5.1f}{len(honest):>8}"
-                     f"{shares[2]:>19.3f}{shares[3]:>7.3f}"
-                     f"{worst.z(inflation=1.0) if worst else float('nan'):>14.1f}  {where}")
+        lines.append(f"{round_:>5}{len(bad):>10}{shares[0]:>23.2f}{shares[1]:>8.2f}{len(honest):>8}"
+                     f"{shares[2]:>23.3f}{shares[3]:>8.3f}"
+                     f"{worst.z(wobble=0.0) if worst else float('nan'):>7.1f}{worst_wobbled:>8.1f}  {where}")
     return lines
 
 
@@ -125,8 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 11])
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--attacks", nargs="*", default=["sign-flip", "label-flip"],
-                        help="none given: the attack-free run only (e.g. many seeds' first rounds)")
+    parser.add_argument("--attacks", nargs="*", default=["sign-flip", "label-flip"])
     args = parser.parse_args()
     readings: list[Reading] = []
     for seed in args.seeds:
@@ -141,7 +137,7 @@ def main() -> None:
     guard = load_scenario("guard").federation.guard
     flag_z = first_round_flag_z(CausalGuard().detectors, fdr=guard.fdr, clients=len(names))
     print(f"\nseeds {args.seeds}; a lone client is flagged in its first round at z >= {flag_z:.2f}")
-    print("\n".join(per_round_table(readings, flag_z=flag_z)))
+    print("\n".join(per_round_table(readings, flag_z=flag_z, wobble=ValidationDirectionDetector.direction_wobble)))
 
 
 if __name__ == "__main__":

@@ -140,9 +140,6 @@ class RoundEvidence:
     alignments: np.ndarray  # cosine of each update with the median of the others'
     memories: list[ClientMemory]
     measured: Measurements
-    # No client has been judged before: every update starts from the federation's initial
-    # model (after a restart too: the memories are restored, ``server/resume.py``).
-    from_shared_start: bool = False
 
 
 @dataclass
@@ -367,7 +364,8 @@ class ValidationDirectionDetector(Detector):
     0.5), so learning one moves across this direction, not against it. A flipped update,
     or one learnt from flipped labels, points against it.
 
-    The yardstick is zero, in units of the cosine's bootstrap error: not the client's
+    The yardstick is zero, in units of the cosine's error (its bootstrap error with the
+    honest round-to-round wobble, ``direction_wobble``): not the client's
     history, since pointing against the clean ranking is harm however long a client has
     done it (an attacker present from the first round would otherwise become its own
     yardstick); not the other clients, since being the least helpful is not harm, and
@@ -378,39 +376,30 @@ class ValidationDirectionDetector(Detector):
     name = "validation-direction"
     family = "intervention"
     sums_over_rounds = True
-    # The bootstrap error is one round's and only the validation sample's. An honest
-    # hospital may also disagree with the population's ranking for a round, once the shared
-    # model has learnt what every hospital agrees on and what is left is its own: from round
-    # 2 on, honest cosines reached -0.12 +/- 0.01 (z 8 on the error as measured;
-    # ``benchmarks/ranking_evidence.py``). Doubled, every honest hospital's z stayed under
-    # 1.8 in every round of the seed-1 benign run.
-    error_inflation: ClassVar[float] = 2.0
-    # From the federation's initial model, every honest update carries first what all
-    # hospitals agree on: on 61 seeds' first rounds (``benchmarks/ranking_evidence.py
-    # --rounds 1``) the largest honest z was 3.95 on the error as measured (too close to the
-    # 3.86 that flags a lone client), 2.6 on 1.5 times it, 2.0 on twice it. 1.5 keeps the
-    # margin and catches half the round-1 flippers where twice caught a third.
-    first_round_inflation: ClassVar[float] = 1.5
+    # The bootstrap error is only the validation sample's. An honest hospital's update also
+    # wobbles round to round against the population's ranking, by an amount that does not
+    # shrink with the sample: seed 6's hospital 03 read -0.115 +/- 0.008 once (z 14 on the
+    # error alone). So the error is taken with this wobble in quadrature. Doubling the
+    # error instead still left that one at z 7, and cost the flippers whose error is large.
+    # On the recorded rounds of seeds 1, 5, 6 and 11 (``benchmarks/ranking_evidence.py``),
+    # 0.03 left the largest honest z at 3.7 (2.4 over 61 seeds' first rounds) while 60% of
+    # round-1 flippers passed the 3.86 that flags a lone client (16% with the error doubled).
+    direction_wobble: ClassVar[float] = 0.03
     # A cosine this small is no direction, whatever its error: a Gaussian-noise update's is
     # 0.00 +/- 0.00 every round (seed 8), which read as z -3, helpful, and so excused its
     # change of habit. Honest updates' cosines are 0.1-0.45, flipped ones' -0.1 to -0.46.
     min_cosine: ClassVar[float] = 0.05
 
     @classmethod
-    def inflation(cls, *, from_shared_start: bool) -> float:
-        """What the bootstrap error is multiplied by in a round (see the two constants)."""
-        return cls.first_round_inflation if from_shared_start else cls.error_inflation
-
-    @classmethod
-    def round_z(cls, cosines: np.ndarray, errors: np.ndarray, *, inflation: float) -> np.ndarray:
-        """One round's score per update: > 0 against the ranking, in units of its
-        ``inflation`` times its bootstrap error; NaN where it has no direction.
+    def round_z(cls, cosines: np.ndarray, errors: np.ndarray, *, wobble: float) -> np.ndarray:
+        """One round's score per update: > 0 against the ranking, in units of its bootstrap
+        error and ``wobble`` in quadrature; NaN where it has no direction.
 
         No direction is no measurement (NaN, left out of the sums), not a measured zero:
         counted as z 0, a flipped hospital's rounds without direction diluted the rounds
         with it (seed 11, sign-flip: z 0, 2.2, 0, 3.4 summed to 2.8, without the zeros 4.0).
         """
-        z = -cosines / np.maximum(inflation * errors, 1e-6)
+        z = -cosines / np.maximum(np.hypot(errors, wobble), 1e-6)
         return np.where(np.abs(cosines) < cls.min_cosine, np.nan, z)
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
@@ -419,8 +408,7 @@ class ValidationDirectionDetector(Detector):
         if cosines is None or errors is None or not (np.isfinite(cosines).all() and np.isfinite(errors).all()):
             return Finding(np.ones(n), [""] * n)  # no validation set, or a one-class one
         # Clipped: one freak round must not dominate the sum (NaN stays NaN).
-        inflation = self.inflation(from_shared_start=evidence.from_shared_start)
-        z = np.clip(self.round_z(cosines, errors, inflation=inflation), -3.0, 6.0)
+        z = np.clip(self.round_z(cosines, errors, wobble=self.direction_wobble), -3.0, 6.0)
         pooled, counts = pooled_over_rounds(evidence.memories, self.name, z)
         reasons = [f"its update points {'against' if c < 0 else 'with'} the validation ranking (cosine {c:+.2f} "
                    f"+/- {e:.2f}; z {s:+.1f} over {k} rounds with a direction)"

@@ -173,14 +173,13 @@ class CausalGuard:
         return coordinate_sample(delta, seed=self.seed)
 
     def evidence(self, clients: list[str], sketches: np.ndarray, measured: Measurements) -> RoundEvidence:
-        from_shared_start = not any(m.recent_flags for m in self.memories.values())  # no round judged yet
         memories = [self.memories.setdefault(c, ClientMemory()) for c in clients]
         residuals = sketches - np.median(sketches, axis=0)
         forecasts = np.stack([m.residual if m.residual is not None else np.zeros(sketches.shape[1]) for m in memories])
         innovations = residuals - forecasts
         alignments = consensus_alignment(sketches)
         return RoundEvidence(clients, sketches, residuals, innovations, log_norms(innovations), log_norms(sketches),
-                             alignments, memories, measured, from_shared_start)
+                             alignments, memories, measured)
 
     def assess(self, clients: list[str], sketches: np.ndarray, measured: Measurements | None = None) -> Assessment:
         """Every detector on every client, in passes: clients with overwhelming evidence are

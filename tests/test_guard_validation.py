@@ -112,7 +112,7 @@ def test_an_update_against_the_validation_ranking_is_harm_however_long_it_has_be
     for _ in range(5):
         cosines = rng.normal(0.2, 0.1, 10)
         cosines[4] = rng.normal(-0.07, 0.1)  # the least helpful, now and then a little against it
-        cosines[7] = -0.25  # against it, every round
+        cosines[7] = -0.18  # against it, every round, too little to be caught in one
         verdicts, _ = guard.judge(clients, rng.normal(size=(10, 64)), Measurements(ranking_alignments=cosines,
                                                                                     ranking_errors=errors))
         flagged.append([v.client for v in verdicts if v.flagged])
@@ -126,6 +126,19 @@ def test_an_update_against_the_validation_ranking_is_harm_however_long_it_has_be
         return float(found.p_values["validation-direction"][7])
 
     assert p_of_h7(crowded) == p_of_h7(np.where(crowded < -0.3, 0.2, crowded))
+
+
+def test_a_precise_cosine_a_little_against_the_ranking_weighs_less_than_a_flippers():
+    """The bootstrap error is the validation sample's alone; an honest update also wobbles
+    round to round, by an amount that does not shrink with the sample. Seed 6's honest
+    hospital 03 once read -0.115 +/- 0.008, a sign-flipper -0.25 +/- 0.04. On the error
+    doubled the honest one scored 7.2 and the flipper 3.1; with the wobble in quadrature the
+    flipper scores more, and the honest one stays under what flags a lone client (3.86)."""
+    direction = DETECTORS["validation-direction"]
+    honest, flipper = direction.round_z(np.array([-0.115, -0.25]), np.array([0.008, 0.04]),
+                                        wobble=direction.direction_wobble)
+    assert honest < 3.86 < flipper
+    assert direction.round_z(np.array([-0.115]), np.array([0.008]), wobble=0.0)[0] > 14  # the error alone
 
 
 def test_a_direction_too_small_to_matter_is_neither_harm_nor_help():
@@ -159,30 +172,8 @@ def test_rounds_without_direction_do_not_dilute_rounds_with_one():
             guard.judge(clients, np.ones((6, 8)), Measurements(ranking_alignments=cosines, ranking_errors=errors))
         return float(norm.isf(found.p_values["validation-direction"][5]))
 
-    assert pooled_z_of_h5([-0.03, -0.26, -0.04, -0.23]) == pytest.approx(pooled_z_of_h5([-0.03, -0.26, -0.23]))
+    assert pooled_z_of_h5([-0.03, -0.26, -0.04, -0.23]) == pytest.approx(pooled_z_of_h5([-0.26, -0.23]))
     assert pooled_z_of_h5([-0.03, -0.26, -0.04, -0.23]) > 4.0
-
-
-def test_from_the_shared_start_the_error_is_inflated_less():
-    """From the federation's initial model every honest update carries first what all
-    hospitals agree on, so a first round's cosine is judged on 1.5 times its bootstrap
-    error, later rounds' on twice it. A late joiner starts from a trained model, and a
-    restarted server from the memories it saved: neither is a shared start."""
-    clients, errors = [f"h{i}" for i in range(6)], np.full(6, 0.04)
-    cosines = np.array([0.2, 0.25, 0.15, 0.3, 0.2, -0.3])
-
-    def round_z(guard: CausalGuard, names: list[str]) -> np.ndarray:
-        found = guard.assess(names, np.ones((len(names), 8)), Measurements(ranking_alignments=cosines[: len(names)],
-                                                                           ranking_errors=errors[: len(names)]))
-        return found.round_z["validation-direction"]
-
-    guard = CausalGuard(detectors=("validation-direction",))
-    assert round_z(guard, clients)[5] == pytest.approx(0.3 / (1.5 * 0.04))
-    guard.judge(clients[:5], np.ones((5, 8)), Measurements(ranking_alignments=cosines[:5], ranking_errors=errors[:5]))
-    assert round_z(guard, clients)[5] == pytest.approx(0.3 / (2.0 * 0.04))  # h5 joins in round 2
-    restarted = CausalGuard(detectors=("validation-direction",),
-                            memories={c: ClientMemory.from_dict(m.as_dict()) for c, m in guard.memories.items()})
-    assert round_z(restarted, clients)[5] == pytest.approx(0.3 / (2.0 * 0.04))
 
 
 def test_accumulated_evidence_survives_a_saved_state():

@@ -24,12 +24,11 @@ def test_the_first_round_threshold_counts_the_guards_bonferroni():
 
 def test_the_table_counts_attackers_over_the_threshold_and_the_worst_honest_round():
     study = _study()
-    readings = [study.Reading("s1/x", r, "a", True, -0.25, 0.04) for r in (1, 2)] + [
-        study.Reading("s1/x", r, "b", True, -0.12, 0.04) for r in (1, 2)] + [
-        study.Reading("s1/x", r, "h", False, -0.11, 0.02) for r in (1, 2)] + [
-        study.Reading("s1/x", r, "g", False, 0.02, 0.001) for r in (1, 2)]
-    header, first, second = study.per_round_table(readings, flag_z=4.0)
-    # a: -0.25/0.04 is z 6.25, x1.5 4.2, x2 3.1; h: 0.11/0.02 is 5.5, x1.5 3.7; g has no direction.
-    assert first.split()[:9] == ["1", "2", "0.50", "0.50", "1.5", "2", "0.500", "0.000", "5.5"], first
-    assert second.split()[:9] == ["2", "2", "0.50", "0.00", "2.0", "2", "0.500", "0.000", "5.5"], second
-    assert "s1/x h (-0.11 +/- 0.02)" in first  # g has no direction: no z
+    readings = [study.Reading("s1/x", 1, "a", True, -0.25, 0.04), study.Reading("s1/x", 1, "b", True, -0.12, 0.04),
+                study.Reading("s1/x", 1, "h", False, -0.11, 0.02), study.Reading("s1/x", 1, "g", False, 0.02, 0.001)]
+    header, row = study.per_round_table(readings, flag_z=4.0, wobble=0.03)
+    fields = row.split()
+    # a: 0.25/0.04 is z 6.25, with the wobble 0.25/0.05 = 5; b: 3, 2.4; h: 0.11/0.02 is 5.5,
+    # with the wobble 0.11/0.036 = 3.05; g has no direction.
+    assert fields[:9] == ["1", "2", "0.50", "0.50", "2", "0.500", "0.000", "5.5", "3.1"], row
+    assert "s1/x h (-0.11 +/- 0.02)" in row  # g has no direction: no z
