@@ -381,9 +381,11 @@ class ValidationDirectionDetector(Detector):
     # shrink with the sample: seed 6's hospital 03 read -0.115 +/- 0.008 once (z 14 on the
     # error alone). So the error is taken with this wobble in quadrature. Doubling the
     # error instead still left that one at z 7, and cost the flippers whose error is large.
-    # On the recorded rounds of seeds 1, 5, 6 and 11 (``benchmarks/ranking_evidence.py``),
-    # 0.03 left the largest honest z at 3.7 (2.4 over 61 seeds' first rounds) while 60% of
-    # round-1 flippers passed the 3.86 that flags a lone client (16% with the error doubled).
+    # Chosen on rounds recorded from the tenth version (seeds 1, 5, 6 and 11, flip attacks):
+    # 0.03 left the largest honest z at 3.7 where doubling left 7.0, and 60% of round-1
+    # flippers passed the 3.86 that flags a lone client, against 16%. The first rounds of 61
+    # seeds: largest honest z 2.4 (``benchmarks/ranking_evidence.py --rounds 1``; all in
+    # ``benchmarks/RESULTS.md``, "Server guard, eleventh version").
     direction_wobble: ClassVar[float] = 0.03
     # A cosine this small is no direction, whatever its error: a Gaussian-noise update's is
     # 0.00 +/- 0.00 every round (seed 8), which read as z -3, helpful, and so excused its
