@@ -181,7 +181,7 @@ class GuardConfig(_Strict):
     enabled: bool = True
     fdr: float = Field(0.01, gt=0.0, lt=0.5, description="false-discovery rate across clients, per round")
     # 1000: a flipped update's cosine with the validation ranking is -0.15 to -0.45, and its
-    # error (doubled, ``ValidationDirectionDetector``) shrinks as one over the root of the
+    # bootstrap error (``ValidationDirectionDetector``) shrinks as one over the root of the
     # cases. With 200 cases flippers were caught in round 3 to never; with 500 in rounds 1
     # to 6; with 1000, round-1 flippers on seeds 2, 11 and 12 stood at z 5 to 6, and seed
     # 2's mean TPR rose from 0.86 to 0.98 (benchmarks/RESULTS.md, tenth version).

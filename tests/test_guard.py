@@ -274,7 +274,8 @@ def test_solo_ranking_blames_harm_not_difference():
     assert p_always_worse[-1] > p_always_worse[0]
     assert p_wrecker[0] < 0.01 and p_wrecker[-1] > p_wrecker[0]  # a trait, once known
     flagged, _, _ = run(("solo-ranking", "validation-direction"))
-    # z 2 a round against the ranking (cosine -0.2 +/- 0.05, error doubled): enough by round 4
+    # z 3.4 a round against the ranking (cosine -0.2 +/- 0.05, with the wobble in quadrature):
+    # flagged from round 1 here; with the error doubled (z 2 a round) it took until round 4
     assert all(f == ["h7"] for f in flagged[3:]) and not any("h4" in f for f in flagged), flagged
     assert stouffer([3.0, 3.0, 3.0, 3.0]) == pytest.approx(6.0)
 
