@@ -28,6 +28,11 @@ from server.guard_stats import (
 )
 
 DETECTORS: dict[str, type[Detector]] = {}
+# Harm to the server's validation ranking, measured by intervening on the aggregate. The
+# other families look for the signs of an attack (an update's size, habit, dependence,
+# fabrication); harm is what the guard exists to prevent, so its family gets a larger,
+# a-priori share of the test level (``combine_by_family``).
+HARM_FAMILY = "intervention"
 
 
 # ---------------------------------------------------------------- client memory
@@ -208,8 +213,12 @@ class MagnitudeDetector(Detector):
         ])
         gap = evidence.log_norms - expected
         beyond = self.side * (gap - np.median(gap)) > math.log(self.min_ratio)
+        # The yardstick is the clients within the floor, where there are enough: three
+        # boosted updates among ten widened an all-client one to z 5.6 where the seven
+        # others put them at 8.2 (seed 4, round 1), and were caught a round late.
+        z = robust_z(gap, reference=gap[~beyond] if (~beyond).sum() >= 3 else None)
         reasons = [f"update norm {math.exp(g):.2g}x what was expected" for g in gap]
-        return Finding(np.where(beyond, upper_p(self.side * robust_z(gap)), 1.0), reasons)
+        return Finding(np.where(beyond, upper_p(self.side * z), 1.0), reasons)
 
 
 class ShrinkageDetector(MagnitudeDetector):
@@ -289,7 +298,7 @@ class DependenceDetector(Detector):
 
 class InterventionDetector(Detector):
     name = "intervention"
-    family = "intervention"
+    family = HARM_FAMILY
     min_effect: ClassVar[float] = 0.002  # validation log-loss: below this it is noise
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
@@ -322,7 +331,7 @@ class SoloRankingDetector(Detector):
     honest hospitals flagged from round 3 to the end, z 6 by round 3)."""
 
     name = "solo-ranking"
-    family = "intervention"
+    family = HARM_FAMILY
     # Against its own history, it asks whether a client changed (its history learns from
     # every round: ``ClientMemory.remember_solo_change``), so a client whose updates point
     # with the validation ranking is excused, as for the other habits. Seed 2 with 500
@@ -374,7 +383,7 @@ class ValidationDirectionDetector(Detector):
     """
 
     name = "validation-direction"
-    family = "intervention"
+    family = HARM_FAMILY
     sums_over_rounds = True
     # The bootstrap error is only the validation sample's. An honest hospital's update also
     # wobbles round to round against the population's ranking, by an amount that does not
@@ -465,7 +474,12 @@ class DataSpanDetector(Detector):
         n, ratios = len(evidence.clients), evidence.measured.data_span_ratios
         if ratios is None or not np.isfinite(ratios).all():
             return Finding(np.ones(n), [""] * n)  # no validation gradients to compare with
-        z = robust_z(np.log(np.maximum(ratios, 1e-12)))
+        log_ratios = np.log(np.maximum(ratios, 1e-12))
+        learners = ratios >= self.max_ratio
+        # Against the learners alone where there are enough of them: three noise updates
+        # among ten widened the all-client yardstick until they stood at z -7.8, not -15
+        # (seed 10, round 1), and were caught a round late.
+        z = robust_z(log_ratios, reference=log_ratios[learners] if learners.sum() >= 3 else None)
         p_values = np.where(ratios < self.max_ratio, upper_p(-z), 1.0)
         reasons = [f"its update has {r:.1f}x the share of its norm along the validation gradients that noise "
                    f"would have (learnt updates: the round's median {np.median(ratios):.1f}x)" for r in ratios]
@@ -500,12 +514,19 @@ def excuse(findings: dict[str, Finding], helpful: np.ndarray) -> dict[str, Findi
             for name, finding in findings.items()}
 
 
-def combine_by_family(p_values: dict[str, np.ndarray]) -> np.ndarray:
-    """Per client, Bonferroni within each detector family, then across the families."""
+def combine_by_family(p_values: dict[str, np.ndarray], *, harm_share: float = 0.5) -> np.ndarray:
+    """Per client, Bonferroni within each detector family, then a weighted Bonferroni across
+    the families: the harm family (``intervention``) is tested at ``harm_share`` of the
+    level, and the other families share the rest equally (weights fixed a priori, so the
+    combination is a p-value whatever the data)."""
     families: dict[str, list[np.ndarray]] = {}
     for name, values in p_values.items():
         families.setdefault(DETECTORS[name].family or name, []).append(values)
-    per_family = [np.minimum(1.0, np.min(members, axis=0) * len(members)) for members in families.values()]
-    return np.minimum(1.0, np.min(per_family, axis=0) * len(per_family))
-
-
+    per_family = {family: np.minimum(1.0, np.min(members, axis=0) * len(members))
+                  for family, members in families.items()}
+    harm = per_family.pop(HARM_FAMILY, None)
+    if harm is None or not per_family:  # one kind of evidence only: plain Bonferroni
+        kinds = list(per_family.values()) or [harm]
+        return np.minimum(1.0, np.min(kinds, axis=0) * len(kinds))
+    signs = np.min(list(per_family.values()), axis=0) * len(per_family) / (1.0 - harm_share)
+    return np.minimum(1.0, np.minimum(harm / harm_share, signs))

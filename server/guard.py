@@ -43,8 +43,9 @@ changed its habit; a client whose updates point with the validation ranking
 (``validation-direction``, over its recent rounds and with it this round too) has that
 evidence excused: its change is learning.
 
-The p-values are combined per client (Bonferroni within detector families, then across
-them) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yardsticks
+The p-values are combined per client (Bonferroni within detector families, then a
+weighted Bonferroni across them: half the level to harm, ``intervention``, half shared by
+the others) and controlled across clients by Benjamini-Hochberg at level ``fdr``. Yardsticks
 (the median update, the consensus direction, the spread of norms) are computed again
 without clients whose evidence is overwhelming: attackers sitting in the middle of the
 others otherwise make honest outliers look odd. Suspicion accumulates across rounds: each
@@ -159,6 +160,11 @@ class CausalGuard:
     # Pooled validation-direction z at or below minus this excuses a change of habit
     # (``server/detectors.py``, ``excuse``). 2: seed 2's hospital 08 pooled -2.6 to -3.
     min_pooled_help: float = 2.0
+    # The harm family's share of the level (``combine_by_family``): half, the five families
+    # that look for signs of an attack share the other half. With equal shares a flipper's
+    # pooled validation-direction p of 6.5e-5 (seed 4, round 2) was multiplied by 36 and
+    # missed BH's 1e-3; seed 6's sign-flippers were caught a round or two late.
+    harm_share: float = 0.5
     detectors: tuple[str, ...] = (
         "forecast", "magnitude", "shrinkage", "alignment", "dependence", "crafted", "data-span",
         "intervention", "solo-ranking", "validation-direction",
@@ -194,9 +200,10 @@ class CausalGuard:
             evidence = self.evidence([clients[i] for i in active], sketches[active], measured.subset(active))
             findings = {name: DETECTORS[name]().inspect(evidence) for name in self.detectors}
             findings = excuse(findings, helpful_clients(findings, min_pooled_help=self.min_pooled_help))
-            combined = combine_by_family({name: f.p_values for name, f in findings.items()})
+            combined = combine_by_family({name: f.p_values for name, f in findings.items()},
+                                         harm_share=self.harm_share)
             alone = combine_by_family({name: np.ones_like(f.p_values) if DETECTORS[name].sums_over_rounds
-                                       else f.p_values for name, f in findings.items()})
+                                       else f.p_values for name, f in findings.items()}, harm_share=self.harm_share)
             assessment.record(active, evidence, findings, combined, alone)
             overwhelming = combined <= self.overwhelming_p
             if not overwhelming.any() or (~overwhelming).sum() < 3:  # 3: a median needs others

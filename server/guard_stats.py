@@ -50,10 +50,17 @@ def robust_spread(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """(x - median) / (1.4826 * MAD): stays honest with up to half the clients lying."""
-    median = np.median(values)
-    return (values - median) / max(robust_spread(values), 1e-12 + 1e-6 * abs(median))
+def robust_z(values: np.ndarray, *, reference: np.ndarray | None = None) -> np.ndarray:
+    """(x - median) / (1.4826 * MAD): stays honest with up to half the clients lying.
+
+    ``reference``: the values whose median and spread are the yardstick (default: all of
+    ``values``). Three like outliers among ten widen an all-client yardstick until none of
+    them stands out; a detector that knows a priori who cannot be a suspect measures
+    against those alone.
+    """
+    reference = values if reference is None else reference
+    median = np.median(reference)
+    return (values - median) / max(robust_spread(reference), 1e-12 + 1e-6 * abs(median))
 
 
 def upper_p(z: np.ndarray) -> np.ndarray:

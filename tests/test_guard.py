@@ -353,6 +353,18 @@ def test_detectors_asking_the_same_question_share_one_bonferroni_share():
     assert combined.tolist() == pytest.approx([0.02, 0.016])
 
 
+def test_harm_is_tested_at_half_the_level_and_the_signs_of_an_attack_share_the_rest():
+    """Weighted Bonferroni, weights fixed a priori: a p-value of 0.01 from the harm family
+    counts x2, the same from one of the five other families x10 (equal shares: x6 both)."""
+    quiet = np.ones(2)
+    p = {name: quiet for name in ("magnitude", "alignment", "dependence", "crafted")}
+    p |= {"forecast": np.array([0.01, 1.0]), "validation-direction": np.array([1.0, 0.01])}
+    assert combine_by_family(p).tolist() == pytest.approx([0.1, 0.02])
+    assert combine_by_family(p, harm_share=1 / 6).tolist() == pytest.approx([0.06, 0.06])
+    harm_only = {"validation-direction": np.array([0.01]), "solo-ranking": np.array([0.2])}
+    assert combine_by_family(harm_only).tolist() == pytest.approx([0.02])  # x2 in the family, no share to give
+
+
 def test_a_resumed_run_remembers_who_was_suspect(guarded, tmp_path):
     """The guard's memories travel in the server state: after a crash, round 3 is judged
     exactly as in a run that never stopped (same forecasts, same accumulated evidence)."""
@@ -401,6 +413,26 @@ def test_a_boosted_update_half_trusted_in_round_one_is_still_held_to_the_rounds_
     assert [v.weight for v in rounds[0][1:4]] == [0.5] * 3 and not any(v.flagged for v in rounds[0])
     assert all(second.p_values["magnitude"] < first.p_values["magnitude"] < 0.01
                for first, second in zip(rounds[0][1:4], rounds[1][1:4]))
+
+
+def test_three_boosted_updates_do_not_widen_their_own_yardstick():
+    """Magnitude holds a client beyond its floor to the clients within it: three boosted
+    updates among ten are each as suspect as one alone among the same seven (seed 4, round 1:
+    against all ten they stood at z 5.6, against the seven others at 8.2)."""
+    rng = np.random.default_rng(3)
+    directions = rng.normal(size=(10, 512))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    norms = np.exp(np.r_[np.log(4.0) + rng.normal(0, 0.05, 3), rng.normal(0, 0.15, 7)])
+    clients = [f"h{i}" for i in range(10)]
+
+    def magnitude_p(keep: np.ndarray) -> np.ndarray:
+        found = CausalGuard(detectors=("magnitude",)).assess(
+            [clients[i] for i in keep], directions[keep] * norms[keep, None])
+        return found.p_values["magnitude"]
+
+    three, alone = magnitude_p(np.arange(10)), magnitude_p(np.arange(2, 10))
+    assert three[2] == pytest.approx(alone[0]) and three[2] < 1e-4, (three, alone)
+    assert np.all(three[3:] == 1.0)
 
 
 def test_a_borderline_update_is_shrunk_to_a_typical_size():

@@ -316,6 +316,27 @@ def test_an_update_with_no_data_in_it_is_flagged_and_a_less_typical_learner_is_n
     assert verdicts[8].p_values["data-span"] == 1.0
 
 
+def test_three_noise_updates_do_not_widen_their_own_yardstick():
+    """Noise is judged against the learners: with three noise updates among ten, each is as
+    suspect as one noise update alone among the same learners (seed 10, round 1: against
+    all ten clients the three stood at z -7.8, against the seven learners at -15)."""
+    learners = [18.0, 22.0, 14.5, 27.0, 20.0, 16.0, 24.0]
+    guard = CausalGuard(detectors=("data-span",))
+    sketches = np.random.default_rng(8).normal(size=(10, 64))
+
+    def data_span_p(ratios: list[float]) -> np.ndarray:
+        found = guard.assess([f"h{i}" for i in range(len(ratios))], sketches[:len(ratios)],
+                             Measurements(data_span_ratios=np.array(ratios)))
+        return found.p_values["data-span"]
+
+    three = data_span_p([1.0, 1.05, 0.95, *learners])
+    alone = data_span_p([1.0, *learners])
+    assert three[0] == pytest.approx(alone[0]) and three[0] < 1e-4, (three, alone)
+    assert np.all(three[3:] == 1.0)
+    too_few = data_span_p([1.0, 1.05, 0.95, 1.1, 20.0, 24.0])  # two learners: no yardstick of their own
+    assert np.all(np.isfinite(too_few)) and too_few[4] == 1.0
+
+
 def test_a_helpful_client_whose_model_alone_ranks_a_little_worse_is_learning():
     """Solo ranking asks whether a client's model alone ranks the validation cases worse
     than it used to, a habit: seed 2 with 500 validation cases flagged an honest hospital
