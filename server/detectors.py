@@ -20,6 +20,7 @@ from server.guard_stats import (
     partial_correlations,
     robust_spread,
     robust_z,
+    robust_z_without,
     spread_regularity,
     spread_units,
     stouffer,
@@ -213,10 +214,9 @@ class MagnitudeDetector(Detector):
         ])
         gap = evidence.log_norms - expected
         beyond = self.side * (gap - np.median(gap)) > math.log(self.min_ratio)
-        # The yardstick is the clients within the floor, where there are enough: three
-        # boosted updates among ten widened an all-client one to z 5.6 where the seven
-        # others put them at 8.2 (seed 4, round 1), and were caught a round late.
-        z = robust_z(gap, reference=gap[~beyond] if (~beyond).sum() >= 3 else None)
+        # Several beyond the floor are held to the clients within it: seed 4's three boosted
+        # backdoor updates were otherwise caught a round late.
+        z = robust_z_without(gap, beyond)
         reasons = [f"update norm {math.exp(g):.2g}x what was expected" for g in gap]
         return Finding(np.where(beyond, upper_p(self.side * z), 1.0), reasons)
 
@@ -474,13 +474,11 @@ class DataSpanDetector(Detector):
         n, ratios = len(evidence.clients), evidence.measured.data_span_ratios
         if ratios is None or not np.isfinite(ratios).all():
             return Finding(np.ones(n), [""] * n)  # no validation gradients to compare with
-        log_ratios = np.log(np.maximum(ratios, 1e-12))
-        learners = ratios >= self.max_ratio
-        # Against the learners alone where there are enough of them: three noise updates
-        # among ten widened the all-client yardstick until they stood at z -7.8, not -15
-        # (seed 10, round 1), and were caught a round late.
-        z = robust_z(log_ratios, reference=log_ratios[learners] if learners.sum() >= 3 else None)
-        p_values = np.where(ratios < self.max_ratio, upper_p(-z), 1.0)
+        # Several under the floor are held to the learners: seed 10's three noise updates
+        # stood at z -7.8 against all ten clients, at -15 against the seven learners.
+        unlearnt = ratios < self.max_ratio
+        z = robust_z_without(np.log(np.maximum(ratios, 1e-12)), unlearnt)
+        p_values = np.where(unlearnt, upper_p(-z), 1.0)
         reasons = [f"its update has {r:.1f}x the share of its norm along the validation gradients that noise "
                    f"would have (learnt updates: the round's median {np.median(ratios):.1f}x)" for r in ratios]
         return Finding(p_values, reasons)

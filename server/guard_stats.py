@@ -54,13 +54,27 @@ def robust_z(values: np.ndarray, *, reference: np.ndarray | None = None) -> np.n
     """(x - median) / (1.4826 * MAD): stays honest with up to half the clients lying.
 
     ``reference``: the values whose median and spread are the yardstick (default: all of
-    ``values``). Three like outliers among ten widen an all-client yardstick until none of
-    them stands out; a detector that knows a priori who cannot be a suspect measures
-    against those alone.
+    ``values``; see ``robust_z_without``).
     """
     reference = values if reference is None else reference
     median = np.median(reference)
     return (values - median) / max(robust_spread(reference), 1e-12 + 1e-6 * abs(median))
+
+
+def robust_z_without(values: np.ndarray, suspects: np.ndarray) -> np.ndarray:
+    """Robust z against the values that are not ``suspects`` (an a-priori floor says who
+    could be one) where there are several suspects and three or more others.
+
+    Like outliers widen a yardstick they are in until none of them stands out (three
+    boosted updates among ten: z 5.6 against all ten, 8.2 against the other seven). A lone
+    one hardly moves a median of ten, and dropping it moves the yardstick by chance alone
+    (seed 4's IPM attacker: shrinkage p 1.8e-5 against all, 5.9e-5 against the others), so
+    then every value stays in.
+    """
+    others = ~suspects
+    if suspects.sum() >= 2 and others.sum() >= 3:
+        return robust_z(values, reference=values[others])
+    return robust_z(values)
 
 
 def upper_p(z: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from scipy.stats import norm
 from common.data import Split
 from server.detectors import DETECTORS, ClientMemory, Measurements
 from server.guard import CausalGuard
+from server.guard_stats import robust_spread, robust_z, upper_p
 from server.guard_round import (
     ValidationProbe,
     data_span_ratios,
@@ -317,9 +318,9 @@ def test_an_update_with_no_data_in_it_is_flagged_and_a_less_typical_learner_is_n
 
 
 def test_three_noise_updates_do_not_widen_their_own_yardstick():
-    """Noise is judged against the learners: with three noise updates among ten, each is as
-    suspect as one noise update alone among the same learners (seed 10, round 1: against
-    all ten clients the three stood at z -7.8, against the seven learners at -15)."""
+    """Several noise updates are judged against the learners: with three among ten, each
+    is as suspect as with two (seed 10, round 1: against all ten clients the three stood
+    at z -7.8, against the seven learners at -15). A lone one is judged against all."""
     learners = [18.0, 22.0, 14.5, 27.0, 20.0, 16.0, 24.0]
     guard = CausalGuard(detectors=("data-span",))
     sketches = np.random.default_rng(8).normal(size=(10, 64))
@@ -329,10 +330,12 @@ def test_three_noise_updates_do_not_widen_their_own_yardstick():
                              Measurements(data_span_ratios=np.array(ratios)))
         return found.p_values["data-span"]
 
-    three = data_span_p([1.0, 1.05, 0.95, *learners])
-    alone = data_span_p([1.0, *learners])
-    assert three[0] == pytest.approx(alone[0]) and three[0] < 1e-4, (three, alone)
-    assert np.all(three[3:] == 1.0)
+    three, two = data_span_p([1.0, 1.05, 0.95, *learners]), data_span_p([1.0, 1.05, *learners])
+    log_learners = np.log(learners)
+    against_learners = (0.0 - np.median(log_learners)) / robust_spread(log_learners)
+    assert three[0] == pytest.approx(two[0]) == pytest.approx(upper_p(-against_learners))
+    assert three[0] < 1e-4 and np.all(three[3:] == 1.0), three
+    assert data_span_p([1.0, *learners])[0] == pytest.approx(upper_p(-robust_z(np.log([1.0, *learners])))[0])
     too_few = data_span_p([1.0, 1.05, 0.95, 1.1, 20.0, 24.0])  # two learners: no yardstick of their own
     assert np.all(np.isfinite(too_few)) and too_few[4] == 1.0
 
