@@ -158,7 +158,7 @@ class Finding:
 class Detector(ABC):
     name: ClassVar[str]
     # Detectors asking the same question (e.g. two interventions on the validation set)
-    # share a family; Bonferroni runs within families, then across them.
+    # share a family; Bonferroni runs within families, then across them (``combine_by_family``).
     family: ClassVar[str | None] = None
     # A detector that asks only whether a client changed its habit: a change of habit
     # towards what ranks the clean validation cases is learning, not harm (see ``excuse``).

@@ -10,7 +10,6 @@ from scipy.stats import norm
 from common.data import Split
 from server.detectors import DETECTORS, ClientMemory, Measurements
 from server.guard import CausalGuard
-from server.guard_stats import robust_spread, robust_z, upper_p
 from server.guard_round import (
     ValidationProbe,
     data_span_ratios,
@@ -19,6 +18,7 @@ from server.guard_round import (
     solo_auroc_changes,
     without_common_shift,
 )
+from server.guard_stats import robust_spread, robust_z, upper_p
 
 
 class _Linear(torch.nn.Module):
