@@ -522,9 +522,7 @@ def combine_by_family(p_values: dict[str, np.ndarray], *, harm_share: float = 0.
         families.setdefault(DETECTORS[name].family or name, []).append(values)
     per_family = {family: np.minimum(1.0, np.min(members, axis=0) * len(members))
                   for family, members in families.items()}
-    harm = per_family.pop(HARM_FAMILY, None)
-    if harm is None or not per_family:  # one kind of evidence only: plain Bonferroni
-        kinds = list(per_family.values()) or [harm]
-        return np.minimum(1.0, np.min(kinds, axis=0) * len(kinds))
-    signs = np.min(list(per_family.values()), axis=0) * len(per_family) / (1.0 - harm_share)
-    return np.minimum(1.0, np.minimum(harm / harm_share, signs))
+    others = len(per_family) - (HARM_FAMILY in per_family)
+    shares = {family: harm_share if family == HARM_FAMILY else (1.0 - harm_share) / others for family in per_family}
+    total = sum(shares.values())  # under 1 where harm or the others are missing: plain Bonferroni then
+    return np.minimum(1.0, np.min([p * total / shares[family] for family, p in per_family.items()], axis=0))
