@@ -17,10 +17,10 @@ from scipy.stats import norm
 from sklearn.metrics.pairwise import cosine_similarity
 
 from server.guard_stats import (
+    outlier_upper_p,
     partial_correlations,
     robust_spread,
     robust_z,
-    robust_z_without,
     spread_regularity,
     spread_units,
     stouffer,
@@ -216,9 +216,9 @@ class MagnitudeDetector(Detector):
         beyond = self.side * (gap - np.median(gap)) > math.log(self.min_ratio)
         # Several beyond the floor are held to the clients within it: seed 4's three boosted
         # backdoor updates were otherwise caught a round late.
-        z = robust_z_without(gap, beyond)
+        p_values = outlier_upper_p(gap, beyond, side=self.side)
         reasons = [f"update norm {math.exp(g):.2g}x what was expected" for g in gap]
-        return Finding(np.where(beyond, upper_p(self.side * z), 1.0), reasons)
+        return Finding(np.where(beyond, p_values, 1.0), reasons)
 
 
 class ShrinkageDetector(MagnitudeDetector):
@@ -477,8 +477,7 @@ class DataSpanDetector(Detector):
         # Several under the floor are held to the learners: seed 10's three noise updates
         # stood at z -7.8 against all ten clients, at -15 against the seven learners.
         unlearnt = ratios < self.max_ratio
-        z = robust_z_without(np.log(np.maximum(ratios, 1e-12)), unlearnt)
-        p_values = np.where(unlearnt, upper_p(-z), 1.0)
+        p_values = np.where(unlearnt, outlier_upper_p(np.log(np.maximum(ratios, 1e-12)), unlearnt, side=-1.0), 1.0)
         reasons = [f"its update has {r:.1f}x the share of its norm along the validation gradients that noise "
                    f"would have (learnt updates: the round's median {np.median(ratios):.1f}x)" for r in ratios]
         return Finding(p_values, reasons)

@@ -14,7 +14,9 @@ from scipy.stats import t as student_t
 
 SKETCH_SIZE = 512
 SAMPLE_SIZE = 4096
-HEAVY_TAIL_DF = 5  # robust z-scores of a few clients are heavy-tailed: Student-t, not normal
+# Robust z-scores of a few clients are heavy-tailed: Student-t, not normal. Five degrees of
+# freedom match the robust z of one of ten normal values against all ten (``tests/test_guard.py``).
+HEAVY_TAIL_DF = 5
 
 
 def count_sketch(vector: np.ndarray, *, size: int = SKETCH_SIZE, seed: int = 0) -> np.ndarray:
@@ -50,31 +52,42 @@ def robust_spread(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
-def robust_z(values: np.ndarray, *, reference: np.ndarray | None = None) -> np.ndarray:
-    """(x - median) / (1.4826 * MAD): stays honest with up to half the clients lying.
-
-    ``reference``: the values whose median and spread are the yardstick (default: all of
-    ``values``; see ``robust_z_without``).
-    """
-    reference = values if reference is None else reference
-    median = np.median(reference)
-    return (values - median) / max(robust_spread(reference), 1e-12 + 1e-6 * abs(median))
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 * MAD): stays honest with up to half the clients lying."""
+    median = np.median(values)
+    return (values - median) / max(robust_spread(values), 1e-12 + 1e-6 * abs(median))
 
 
-def robust_z_without(values: np.ndarray, suspects: np.ndarray) -> np.ndarray:
-    """Robust z against the values that are not ``suspects`` (an a-priori floor says who
-    could be one) where there are several suspects and three or more others.
+def prediction_upper_p(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Upper p-value of each value as one more draw from what ``reference`` was drawn from:
+    the Student-t prediction test, (x - mean) / (sd * sqrt(1 + 1/m)) on m - 1 degrees of
+    freedom, exact for normal data. ``reference`` must hold no outliers (it is not robust)."""
+    m, mean = len(reference), float(np.mean(reference))
+    spread = max(float(np.std(reference, ddof=1)), 1e-12 + 1e-6 * abs(mean))
+    return student_t.sf((values - mean) / (spread * math.sqrt(1 + 1 / m)), m - 1)
 
-    Like outliers widen a yardstick they are in until none of them stands out (three
-    boosted updates among ten: z 5.6 against all ten, 8.2 against the other seven). A lone
-    one hardly moves a median of ten, and dropping it moves the yardstick by chance alone
-    (seed 4's IPM attacker: shrinkage p 1.8e-5 against all, 5.9e-5 against the others), so
-    then every value stays in.
+
+def outlier_upper_p(values: np.ndarray, suspects: np.ndarray, *, side: float = 1.0) -> np.ndarray:
+    """Upper p-value of each value's departure (``side`` +1: above the others, -1: below),
+    where an a-priori floor says who could be an outlier (``suspects``).
+
+    Several suspects and three or more others: each value against the others alone, by the
+    prediction test. Like outliers widen a yardstick they are in until none of them stands
+    out (three boosted updates among ten: robust z 5.6 against all ten, 8.2 against the
+    other seven). The others hold no suspect, so robustness buys nothing there, and the
+    MAD of seven values is a poor yardstick: under a normal null a robust z against seven
+    others passes 8.2 about once in 230 draws, where the heavy tail (t, ``HEAVY_TAIL_DF``)
+    says once in 4500.
+
+    A lone suspect: robust z against every value, itself included, with the heavy tail,
+    which is that statistic's null for one of ten (``tests/test_guard.py``). A lone one
+    hardly moves a median of ten, and dropping it moves the yardstick by chance alone
+    (seed 4's IPM attacker: shrinkage p 1.8e-5 against all, 5.9e-5 against the others).
     """
     others = ~suspects
     if suspects.sum() >= 2 and others.sum() >= 3:
-        return robust_z(values, reference=values[others])
-    return robust_z(values)
+        return prediction_upper_p(side * values, side * values[others])
+    return upper_p(side * robust_z(values))
 
 
 def upper_p(z: np.ndarray) -> np.ndarray:

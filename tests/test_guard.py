@@ -25,6 +25,7 @@ from server.guard_stats import (
     accumulate_over_rounds,
     benjamini_hochberg,
     count_sketch,
+    outlier_upper_p,
     partial_correlations,
     robust_z,
     spread_regularity,
@@ -70,6 +71,27 @@ def test_benjamini_hochberg_and_robust_z():
     assert benjamini_hochberg(p, level=0.05).tolist() == [True, True] + [False] * 8
     z = robust_z(np.array([1.0, 1.1, 0.9, 1.05, 0.95, 10.0]))
     assert z[-1] > 50 and np.all(np.abs(z[:-1]) < 2)  # one liar cannot hide in the spread
+
+
+def test_outlier_p_values_hold_their_level_under_a_normal_null():
+    """Ten honest values from one normal law: a lone suspect's p-value (robust z against all
+    ten, heavy tail) and each of three suspects' (prediction test against the seven others)
+    fall below a level about as often as the level says; the heavy tail was chosen for the
+    first, and the second is exact. Not the robust z against seven others with the heavy
+    tail: it passes p 1e-3 about ten times as often (why the prediction test is used)."""
+    rng = np.random.default_rng(11)
+    draws = rng.standard_normal((20_000, 10))
+    lone, three = np.zeros(10, dtype=bool), np.zeros(10, dtype=bool)
+    lone[0], three[:3] = True, True
+    p_lone = np.array([outlier_upper_p(values, lone)[0] for values in draws])
+    p_three = np.array([outlier_upper_p(values, three)[0] for values in draws])
+    for level in (0.05, 0.01, 0.002):
+        assert np.mean(p_lone < level) == pytest.approx(level, rel=0.35), level
+        assert np.mean(p_three < level) == pytest.approx(level, rel=0.35), level
+    seven = draws[:, 3:]
+    medians = np.median(seven, axis=1)
+    robust_against_seven = (draws[:, 0] - medians) / (1.4826 * np.median(np.abs(seven - medians[:, None]), axis=1))
+    assert np.mean(upper_p(robust_against_seven) < 1e-3) > 5e-3
 
 
 def test_partial_correlation_finds_a_copy_but_not_independent_clients():

@@ -18,7 +18,7 @@ from server.guard_round import (
     solo_auroc_changes,
     without_common_shift,
 )
-from server.guard_stats import robust_spread, robust_z, upper_p
+from server.guard_stats import prediction_upper_p, robust_z, upper_p
 
 
 class _Linear(torch.nn.Module):
@@ -331,9 +331,8 @@ def test_three_noise_updates_do_not_widen_their_own_yardstick():
         return found.p_values["data-span"]
 
     three, two = data_span_p([1.0, 1.05, 0.95, *learners]), data_span_p([1.0, 1.05, *learners])
-    log_learners = np.log(learners)
-    against_learners = (0.0 - np.median(log_learners)) / robust_spread(log_learners)
-    assert three[0] == pytest.approx(two[0]) == pytest.approx(upper_p(-against_learners))
+    against_learners = prediction_upper_p(-np.log([1.0]), -np.log(learners))[0]
+    assert three[0] == pytest.approx(two[0]) == pytest.approx(against_learners)
     assert three[0] < 1e-4 and np.all(three[3:] == 1.0), three
     assert data_span_p([1.0, *learners])[0] == pytest.approx(upper_p(-robust_z(np.log([1.0, *learners])))[0])
     too_few = data_span_p([1.0, 1.05, 0.95, 1.1, 20.0, 24.0])  # two learners: no yardstick of their own
