@@ -67,16 +67,8 @@ from typing import Any
 
 import numpy as np
 
-from server.detectors import (
-    DETECTORS,
-    ClientMemory,
-    Finding,
-    Measurements,
-    RoundEvidence,
-    combine_by_family,
-    excuse,
-    helpful_clients,
-)
+from server.detectors import DETECTORS, combine_by_family, excuse, helpful_clients
+from server.guard_evidence import ClientMemory, Finding, Measurements, RoundEvidence
 from server.guard_stats import (
     accumulate_over_rounds,
     benjamini_hochberg,

@@ -18,8 +18,8 @@ from common.data import Split
 from common.files import atomic_write_text
 from common.metrics import auroc
 from common.protocol import ARRAYS_KEY, METRICS_KEY
-from server.detectors import Measurements
 from server.guard import CausalGuard, Verdict
+from server.guard_evidence import Measurements
 
 ANOMALY_DIR = "anomalies"
 

@@ -15,7 +15,7 @@ from scipy.stats import t as student_t
 SKETCH_SIZE = 512
 SAMPLE_SIZE = 4096
 # Robust z-scores of a few clients are heavy-tailed: Student-t, not normal. Five degrees of
-# freedom match the robust z of one of ten normal values against all ten (``tests/test_guard.py``).
+# freedom match the robust z of one of ten normal values against all ten (``tests/test_guard_stats.py``).
 HEAVY_TAIL_DF = 5
 
 
@@ -80,7 +80,7 @@ def outlier_upper_p(values: np.ndarray, suspects: np.ndarray, *, side: float = 1
     says once in 4500.
 
     A lone suspect: robust z against every value, itself included, with the heavy tail,
-    which is that statistic's null for one of ten (``tests/test_guard.py``). A lone one
+    which is that statistic's null for one of ten (``tests/test_guard_stats.py``). A lone one
     hardly moves a median of ten, and dropping it moves the yardstick by chance alone
     (seed 4's IPM attacker: shrinkage p 1.8e-5 against all, 5.9e-5 against the others).
     """

@@ -35,8 +35,8 @@ from common.feature_shift import FeatureMoments, pool_moments
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.history import RunHistory
 from server.resume import ServerState
-from server.detectors import ClientMemory
 from server.guard import CausalGuard, Verdict
+from server.guard_evidence import ClientMemory
 from server.guard_round import (
     ValidationProbe,
     as_record,

@@ -8,7 +8,8 @@ import torch
 from scipy.stats import norm
 
 from common.data import Split
-from server.detectors import DETECTORS, ClientMemory, Measurements
+from server.detectors import DETECTORS
+from server.guard_evidence import ClientMemory, Measurements
 from server.guard import CausalGuard
 from server.guard_round import (
     ValidationProbe,
