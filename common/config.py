@@ -184,7 +184,7 @@ class GuardConfig(_Strict):
     # bootstrap error (``ValidationDirectionDetector``) shrinks as one over the root of the
     # cases. With 200 cases flippers were caught in round 3 to never; with 500 in rounds 1
     # to 6; with 1000, round-1 flippers on seeds 2, 11 and 12 stood at z 5 to 6, and seed
-    # 2's mean TPR rose from 0.86 to 0.98 (benchmarks/RESULTS.md, tenth version).
+    # 2's mean TPR rose from 0.86 to 0.98 (benchmarks/GUARD_HISTORY.md, tenth version).
     validation_cases: int = Field(1000, ge=0, le=10_000, description="server-side clean validation set (0: none)")
 
 

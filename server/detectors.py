@@ -266,7 +266,7 @@ class ValidationDirectionDetector(Detector):
     # 0.03 left the largest honest z at 3.7 where doubling left 7.0, and 60% of round-1
     # flippers passed the 3.86 that flags a lone client, against 16%. The first rounds of 61
     # seeds: largest honest z 2.4 (``benchmarks/ranking_evidence.py --rounds 1``; all in
-    # ``benchmarks/RESULTS.md``, "Server guard, eleventh version").
+    # ``benchmarks/GUARD_HISTORY.md``, "Server guard, eleventh version").
     direction_wobble: ClassVar[float] = 0.03
     # A cosine this small is no direction, whatever its error: a Gaussian-noise update's is
     # 0.00 +/- 0.00 every round (seed 8), which read as z -3, helpful, and so excused its
