@@ -1,7 +1,8 @@
-"""The guard's detectors (a registry, one small class each) and what they look at.
+"""The guard's detectors (a registry, one small class each) and how their findings combine.
 
-Each detector turns one round's evidence into a p-value per client with a reason; the
-guard (``server/guard.py``) combines them. See ``server/guard.py`` for what each asks.
+Each detector turns one round's evidence (``server/guard_evidence.py``) into a p-value per
+client with a reason; the guard (``server/guard.py``) combines them. See
+``server/guard.py`` for what each asks.
 """
 
 from __future__ import annotations
