@@ -179,16 +179,16 @@ class DependenceDetector(Detector):
 class InterventionDetector(Detector):
     name = "intervention"
     family = HARM_FAMILY
-    min_effect: ClassVar[float] = 0.002  # validation ranking loss: below this it is noise
+    min_effect: ClassVar[float] = 0.002  # validation log-loss: below this it is noise
 
     def inspect(self, evidence: RoundEvidence) -> Finding:
         n, effects = len(evidence.clients), evidence.measured.loo_effects
-        if effects is None or not np.isfinite(effects).all():
-            return Finding(np.ones(n), [""] * n)  # no validation set, or a one-class one
-        harm = -effects  # > 0: the aggregate ranks better without this client
+        if effects is None:
+            return Finding(np.ones(n), [""] * n)
+        harm = -effects  # > 0: the aggregate is better without this client
         z = robust_z(harm)
         p_values = np.where(harm > self.min_effect, upper_p(z), 1.0)
-        reasons = [f"leaving it out changes the validation ranking loss by {e:+.4f}" for e in effects]
+        reasons = [f"leaving it out changes validation loss by {e:+.4f}" for e in effects]
         return Finding(p_values, reasons)
 
 

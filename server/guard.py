@@ -21,8 +21,7 @@ p-value with an explanation:
 - ``data-span``: an update learnt from cases carries far more of its norm along the
   validation gradients than noise would; a Gaussian-noise update carries only chance's share.
 - ``intervention``: the exact effect of leaving this client out on a small validation
-  set held by the server, on its pairwise ranking loss (the smooth 1 - AUROC): log-loss
-  also reads the bias a hospital's prevalence pulls, which is no harm.
+  set held by the server.
 - ``solo-ranking``: the other intervention, the validation AUROC if the round's model were
   this client's alone. Leaving one of ten out moves the aggregate by a tenth; applying one
   alone moves it fully. AUROC, not loss: a hospital with another prevalence shifts the

@@ -98,7 +98,7 @@ class Measurements:
     """What the server measured of each client's update besides its sketch (same order as
     the clients; None where it was not measured, e.g. without a validation set)."""
 
-    loo_effects: np.ndarray | None = None  # validation ranking loss without the client minus with everyone
+    loo_effects: np.ndarray | None = None  # validation loss without the client minus with everyone
     solo_auroc_changes: np.ndarray | None = None  # validation AUROC of its model alone minus the start's
     ranking_alignments: np.ndarray | None = None  # cosine with the validation ranking's descent direction
     ranking_errors: np.ndarray | None = None  # their bootstrap standard errors

@@ -62,16 +62,6 @@ def _flat_gradient(grads: dict[str, torch.Tensor], names: list[str], shapes: lis
     ])
 
 
-def pairwise_ranking_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Every positive's score against every negative's (the logistic surrogate of 1 - AUROC).
-
-    The bias cancels: it says what ranks the cases, not how many are positive. Both classes
-    must be present.
-    """
-    margins = scores[labels == 1][:, None] - scores[labels == 0][None, :]
-    return F.softplus(-margins).mean()
-
-
 @dataclass
 class ValidationProbe:
     """The server's small clean validation set, and how to score a flat parameter vector."""
@@ -92,12 +82,9 @@ class ValidationProbe:
         with torch.no_grad():
             return self._model(flat, names, shapes)(self._images())
 
-    def ranking_loss(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
-        """``pairwise_ranking_loss`` on the validation cases; NaN for a one-class set."""
-        labels = torch.as_tensor(self.split.labels)
-        if labels.min() == labels.max():
-            return math.nan
-        return float(pairwise_ranking_loss(self._logits(flat, names, shapes), labels))
+    def loss(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
+        logits = self._logits(flat, names, shapes)
+        return float(F.binary_cross_entropy_with_logits(logits, torch.as_tensor(self.split.labels).float()))
 
     def auroc(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
         return auroc(labels=self.split.labels, scores=self._logits(flat, names, shapes).numpy())
@@ -118,8 +105,9 @@ class ValidationProbe:
         in ``names`` order; zero for buffers), then its gradient on ``resamples`` bootstrap
         resamples of the cases. Nothing for a one-class set.
 
-        ``pairwise_ranking_loss``: the direction says what ranks the cases, not their
-        prevalence. One forward pass serves every resample; the autograd graph is kept for them all.
+        Every positive against every negative (the logistic surrogate of 1 - AUROC): the
+        bias cancels, so the direction says what ranks the cases, not their prevalence.
+        One forward pass serves every resample; the autograd graph is kept for them all.
         """
         labels = torch.as_tensor(self.split.labels)
         if labels.min() == labels.max():
@@ -133,8 +121,8 @@ class ValidationProbe:
             chosen, chosen_labels = scores[index], labels[index]
             if chosen_labels.min() == chosen_labels.max():
                 continue  # a resample with one class ranks nothing
-            grads = torch.autograd.grad(pairwise_ranking_loss(chosen, chosen_labels), list(parameters.values()),
-                                        retain_graph=True)
+            margins = chosen[chosen_labels == 1][:, None] - chosen[chosen_labels == 0][None, :]
+            grads = torch.autograd.grad(F.softplus(-margins).mean(), list(parameters.values()), retain_graph=True)
             yield _flat_gradient(dict(zip(parameters, grads)), names, shapes)
 
 
@@ -153,21 +141,12 @@ def without_common_shift(vectors: np.ndarray, shift: np.ndarray) -> np.ndarray:
 
 def leave_one_out_effects(
     vectors: np.ndarray, weights: np.ndarray, probe: ValidationProbe, names: list[str], shapes: list[tuple[int, ...]]
-) -> tuple[np.ndarray | None, float]:
-    """Validation ranking loss (``pairwise_ranking_loss``) of the aggregate without each
-    client, minus with all of them; and with all of them. None for a one-class set.
-
-    Ranking, not log-loss: log-loss also reads how far the aggregate's bias sits from the
-    validation set's prevalence, which a hospital with another prevalence pulls without
-    harm. With log-loss, the three honest hospitals with the highest prevalence (0.61) were
-    flagged on this alone in seed 2's and seed 7's runs with three attackers.
-    """
+) -> tuple[np.ndarray, float]:
+    """Validation loss of the aggregate without each client, minus with all of them."""
     total = weights @ vectors
-    everyone = probe.ranking_loss(total / weights.sum(), names, shapes)
-    if not math.isfinite(everyone):
-        return None, everyone
+    everyone = probe.loss(total / weights.sum(), names, shapes)
     effects = np.array([
-        probe.ranking_loss((total - w * v) / (weights.sum() - w), names, shapes) - everyone
+        probe.loss((total - w * v) / (weights.sum() - w), names, shapes) - everyone
         for v, w in zip(vectors, weights)
     ])
     return effects, everyone
@@ -267,7 +246,7 @@ def guard_replies(
         measured.ranking_alignments, measured.ranking_errors = ranking_alignments(unshifted, directions)
         measured.data_span_ratios = data_span_ratios(unshifted, directions)
     verdicts, graph = guard.judge(sites, sketches, measured)
-    graph["validation_ranking_loss"] = base
+    graph["validation_loss"] = base
     graph["update_norms"] = np.linalg.norm(deltas, axis=1)  # the strategy bounds borderline updates by their median
     return verdicts, graph
 
@@ -280,7 +259,7 @@ def write_anomaly_report(folder: Path, server_round: int, verdicts: list[Verdict
         "verdicts": [v.as_dict() for v in verdicts],
         "edges": [{"a": a, "b": b, "partial_correlation": w} for a, b, w in graph.get("edges", [])],
         "set_aside": graph.get("set_aside", []),  # judged first, then left out of the others' yardsticks
-        "validation_ranking_loss": graph.get("validation_ranking_loss"),
+        "validation_loss": graph.get("validation_loss"),
     }
     atomic_write_text(path, json.dumps(body, indent=1))
     return path

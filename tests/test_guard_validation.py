@@ -14,7 +14,6 @@ from server.guard import CausalGuard
 from server.guard_round import (
     ValidationProbe,
     data_span_ratios,
-    leave_one_out_effects,
     ranking_alignments,
     ranking_directions,
     solo_auroc_changes,
@@ -100,22 +99,6 @@ def test_a_one_class_validation_set_gives_no_direction():
     verdicts, _ = CausalGuard(detectors=("validation-direction",)).judge(
         ["a", "b", "c"], np.ones((3, 8)), Measurements(ranking_alignments=cosines, ranking_errors=errors))
     assert all(v.p_values["validation-direction"] == 1.0 for v in verdicts)
-
-
-def test_leaving_out_a_hospital_with_another_prevalence_is_no_intervention_and_a_flipper_is():
-    """The leave-one-out effect is on the validation ranking: a hospital whose update also
-    pulls the bias (its prevalence) counts as the plain learners do; leaving out a flipped
-    update makes the aggregate rank better. A one-class set measures nothing."""
-    probe = _probe(np.random.default_rng(2))
-    names, shapes = ["linear.weight", "linear.bias"], [(1, 3), (1,)]
-    learner, flipped = np.array([0.3, 0.0, 0.0, 0.0]), np.array([-0.3, 0.0, 0.0, 0.0])
-    prevalent = learner + np.array([0.0, 0.0, 0.0, 2.0])
-    vectors = np.stack([learner, learner, learner, prevalent, flipped])
-    effects, everyone = leave_one_out_effects(vectors, np.ones(5), probe, names, shapes)
-    assert effects[3] == pytest.approx(effects[0], abs=1e-6) and effects[0] > 0 > effects[4]
-    assert everyone > 0
-    probe.split.labels[:] = 1
-    assert leave_one_out_effects(vectors, np.ones(5), probe, names, shapes)[0] is None
 
 
 def test_an_update_against_the_validation_ranking_is_harm_however_long_it_has_been():
