@@ -61,6 +61,22 @@ def configure(base: Scenario, rule: str, attack: str | None, attackers: list[str
     return scenario
 
 
+def guard_base(*, rounds: int, seed: int | None, fdr: float | None) -> Scenario:
+    """The `guard` scenario with these rounds, seed and false-discovery rate (None: the scenario's)."""
+    base = load_scenario("guard").with_overrides(federation={"num_rounds": rounds})
+    if seed is not None:
+        base = base.with_overrides(seed=seed)
+    if fdr is not None:
+        guard = base.federation.guard.model_dump() | {"fdr": fdr}
+        base = base.with_overrides(federation={"guard": guard})
+    return base
+
+
+def attackers_of(names: list[str], count: int) -> list[str]:
+    """The malicious hospitals of a row: the first ``count`` after hospital 00 (all, at most)."""
+    return names[1 : 1 + count] if count < len(names) else names
+
+
 def detection(run_dir: Path, attackers: list[str]) -> dict[str, float]:
     reports = [json.loads(p.read_text()) for p in sorted((run_dir / "anomalies").glob("round-*.json"))]
     if not reports:
@@ -161,12 +177,7 @@ def main() -> None:
     parser.add_argument("--fdr", type=float, default=None, help="the guard's false-discovery rate (default: the scenario's)")
     parser.add_argument("--seed", type=int, default=None, help="the scenario's seed: other hospitals' data and start")
     args = parser.parse_args()
-    base = load_scenario("guard").with_overrides(federation={"num_rounds": args.rounds})
-    if args.seed is not None:
-        base = base.with_overrides(seed=args.seed)
-    if args.fdr is not None:
-        guard = base.federation.guard.model_dump() | {"fdr": args.fdr}
-        base = base.with_overrides(federation={"guard": guard})
+    base = guard_base(rounds=args.rounds, seed=args.seed, fdr=args.fdr)
     names = [s.name for s in base.data.sites if s.role == "train"]
     print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'gap':>7}{'oracle':>7}"
           f"{'backdoor':>9}{'added':>7}{'@0.5':>7}{'secs':>6}")
@@ -184,7 +195,7 @@ def main() -> None:
     for attack in args.attacks:
         for fraction in args.fractions:
             count = max(round(fraction * len(names)), 2 if attack == "colluding-pair" else 1)
-            attackers = names[1 : 1 + count] if count < len(names) else names
+            attackers = attackers_of(names, count)
             if tuple(attackers) not in oracles:
                 oracles[tuple(attackers)] = _run(without_attackers(base, attackers), "fedavg", None, [])
             for rule in args.rules:

@@ -1,8 +1,8 @@
 """Probe: why the guard flags whom it flags, round by round, in chosen rows of the guard benchmark.
 
 Runs the guard federation of ``guard_benchmark.py`` (same scenario, seed, rounds, false
-discovery rate and attackers: the first ``count`` hospitals after hospital 00) for each
-``attack:count`` given, and prints every round: whom it flagged, and for each attacker and
+discovery rate and attackers, ``attackers_of``) for each ``attack:count`` given, and
+prints every round: whom it flagged, and for each attacker and
 each honest hospital flagged or down-weighted, the detectors whose p-value is under
 ``--show-p``. TPR and FPR are the benchmark's. ``--out`` keeps every round's anomaly report
 (JSON lines) for a closer look.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # guard_benchmark, a sibling script
 
-from guard_benchmark import configure, detection  # noqa: E402
+from guard_benchmark import attackers_of, configure, detection, guard_base  # noqa: E402
 
-from common.config import Scenario, load_scenario  # noqa: E402
+from common.config import Scenario  # noqa: E402
 from simulations.attacks import ATTACKS  # noqa: E402
 from simulations.runner import run_scenario  # noqa: E402
 
@@ -60,7 +60,7 @@ def probe(base: Scenario, attack: str | None, count: int, *, show_p: float, out:
     names = [s.name for s in base.data.sites if s.role == "train"]
     if count >= len(names):
         raise SystemExit(f"{count} attackers leave no honest hospital (of {len(names)})")
-    attackers = names[1 : 1 + count]
+    attackers = attackers_of(names, count)
     scenario = configure(base, "guard", attack, attackers)
     with tempfile.TemporaryDirectory() as folder:
         run_dir = Path(folder)
@@ -81,15 +81,13 @@ def probe(base: Scenario, attack: str | None, count: int, *, show_p: float, out:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rows", nargs="+", type=parse_row, metavar="ATTACK:COUNT")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="the scenario's seed (default: the scenario's)")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--fdr", type=float, default=0.01)
+    parser.add_argument("--fdr", type=float, default=None, help="the guard's false-discovery rate (default: the scenario's)")
     parser.add_argument("--show-p", type=float, default=0.05, help="print detectors with a p-value under this")
     parser.add_argument("--out", type=Path, default=None, help="append every round's anomaly report here (JSON lines)")
     args = parser.parse_args()
-    base = load_scenario("guard").with_overrides(seed=args.seed, federation={"num_rounds": args.rounds})
-    guard = base.federation.guard.model_dump() | {"fdr": args.fdr}
-    base = base.with_overrides(federation={"guard": guard})
+    base = guard_base(rounds=args.rounds, seed=args.seed, fdr=args.fdr)
     for attack, count in args.rows:
         probe(base, attack, count, show_p=args.show_p, out=args.out)
 
