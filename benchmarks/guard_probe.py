@@ -1,8 +1,8 @@
 """Probe: why the guard flags whom it flags, round by round, in chosen rows of the guard benchmark.
 
-Runs the guard federation of ``guard_benchmark.py`` (same scenario, seed, rounds, false
-discovery rate and attackers, ``attackers_of``) for each ``attack:count`` given, and
-prints every round: whom it flagged, and for each attacker and
+Runs the guard federation of ``guard_benchmark.py`` (same scenario, seed, false discovery
+rate and attackers, ``attackers_of``; 6 rounds by default, as in ``RESULTS.md``) for each
+``attack:count`` given, and prints every round: whom it flagged, and for each attacker and
 each honest hospital flagged or down-weighted, the detectors whose p-value is under
 ``--show-p``. TPR and FPR are the benchmark's. ``--out`` keeps every round's anomaly report
 (JSON lines) for a closer look.
