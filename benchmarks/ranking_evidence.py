@@ -4,7 +4,9 @@ hospitals, round by round (issue 4's remaining TPR gap).
 The guard's ``validation-direction`` detector scores an update by its cosine with the
 descent direction of a ranking loss on the server's validation cases, over the cosine's
 bootstrap error with an honest round-to-round wobble in quadrature
-(``ValidationDirectionDetector``). This script runs the guard scenario under sign-flip and
+(``ValidationDirectionDetector``); ``reference-direction`` by its cosine with the server's
+balanced reference training, over the references' jackknife error with the same wobble
+(``--detector``). This script runs the guard scenario under sign-flip and
 label-flip attacks (and none), records every client's cosine and error each round, and
 asks what the wobble costs and what it buys:
 
@@ -20,6 +22,7 @@ rounds: ``--rounds 1``, 6 s a seed).
 
     python benchmarks/ranking_evidence.py [--seeds 1 11] [--rounds 6] [--attacks sign-flip label-flip]
     python benchmarks/ranking_evidence.py --seeds $(seq 0 60) --rounds 1 --attacks
+    python benchmarks/ranking_evidence.py --detector reference-direction --seeds 4 --rounds 3
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import numpy as np
 from scipy.stats import norm
 
 from common.config import Scenario, load_scenario
-from server.detectors import ValidationDirectionDetector, combine_by_family
+from server.detectors import DETECTORS, combine_by_family
+from server.harm_detectors import ValidationDirectionDetector
 from server.guard import CausalGuard
 from simulations.runner import run_scenario
 
@@ -43,7 +47,7 @@ COUNTS = (1, 2, 3)
 
 @dataclass(frozen=True)
 class Reading:
-    """One client's validation-direction measurement in one round of one run."""
+    """One client's cosine and error (validation or reference direction) in one round of one run."""
 
     run: str
     round: int
@@ -58,27 +62,31 @@ class Reading:
                                                          wobble=wobble)[0])
 
 
-def first_round_flag_z(detectors: tuple[str, ...], *, fdr: float, clients: int) -> float:
-    """The validation-direction z a lone client needs to be flagged in a round with no
+def first_round_flag_z(detectors: tuple[str, ...], *, fdr: float, clients: int,
+                       detector: str = ValidationDirectionDetector.name) -> float:
+    """The z of ``detector`` that a lone client needs to be flagged in a round with no
     history: Benjamini-Hochberg's smallest threshold (``fdr`` over ``clients``), after the
     guard's Bonferroni within and across detector families (``combine_by_family``)."""
     tiny = 1e-12
-    factor = combine_by_family({d: np.array([tiny if d == ValidationDirectionDetector.name else 1.0])
-                                for d in detectors})[0] / tiny
+    factor = combine_by_family({d: np.array([tiny if d == detector else 1.0]) for d in detectors})[0] / tiny
     return float(norm.isf(fdr / clients / factor))
 
 
-def record_readings(scenario: Scenario, run: str, attackers: list[str]) -> list[Reading]:
-    """Run ``scenario`` and keep what the guard measured of every update, every round."""
+def record_readings(scenario: Scenario, run: str, attackers: list[str],
+                    detector: str = ValidationDirectionDetector.name) -> list[Reading]:
+    """Run ``scenario`` and keep what the guard measured of every update for ``detector``
+    (its ``measurements``), every round."""
     readings: list[Reading] = []
     judge = CausalGuard.judge
+    measure = DETECTORS[detector]().measurements
 
     def recording_judge(guard: CausalGuard, clients: list[str], sketches: np.ndarray, measured=None):
         # Wrapped, not subclassed: the runner builds its own guard from the scenario.
         round_ = 1 + len({r.round for r in readings if r.run == run})
-        if measured is not None and measured.ranking_alignments is not None:
+        cosines, errors = measure(measured) if measured is not None else (None, None)
+        if cosines is not None:
             readings.extend(Reading(run, round_, c, c in attackers, float(cos), float(err))
-                            for c, cos, err in zip(clients, measured.ranking_alignments, measured.ranking_errors))
+                            for c, cos, err in zip(clients, cosines, errors))
         return judge(guard, clients, sketches, measured)
 
     CausalGuard.judge = recording_judge
@@ -123,6 +131,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 11])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--attacks", nargs="*", default=["sign-flip", "label-flip"])
+    parser.add_argument("--detector", choices=["validation-direction", "reference-direction"],
+                        default="validation-direction", help="whose cosines and errors to study")
     args = parser.parse_args()
     readings: list[Reading] = []
     for seed in args.seeds:
@@ -132,11 +142,11 @@ def main() -> None:
         for attack, attackers in runs:
             scenario = base if attack is None else base.with_overrides(attack={"name": attack, "malicious": attackers})
             run = f"s{seed}/{attack or 'none'}x{len(attackers)}"
-            readings += record_readings(scenario, run, attackers)
+            readings += record_readings(scenario, run, attackers, args.detector)
             print(f"  recorded {run}", flush=True)
     guard = load_scenario("guard").federation.guard
-    flag_z = first_round_flag_z(CausalGuard().detectors, fdr=guard.fdr, clients=len(names))
-    print(f"\nseeds {args.seeds}; a lone client is flagged in its first round at z >= {flag_z:.2f}")
+    flag_z = first_round_flag_z(CausalGuard().detectors, fdr=guard.fdr, clients=len(names), detector=args.detector)
+    print(f"\n{args.detector}, seeds {args.seeds}; a lone client is flagged in its first round at z >= {flag_z:.2f}")
     print("\n".join(per_round_table(readings, flag_z=flag_z, wobble=ValidationDirectionDetector.direction_wobble)))
 
 

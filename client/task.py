@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +22,22 @@ if TYPE_CHECKING:
 def scenario_model(scenario: Scenario, *, seed: int = 0) -> nn.Module:
     """A fresh model of the kind the scenario's objective trains, for its data."""
     return new_model(seed=seed, input_shape=scenario.data.input_shape, architecture=scenario.training.architecture)
+
+
+def hospital_recipe(scenario: Scenario) -> Callable[[nn.Module, Split, int, int], None]:
+    """How a hospital of ``scenario`` trains in a round, as ``recipe(model, split, seed,
+    server_round)`` (in place): its objective and local training settings. The server's
+    reference trainings use it (``server/reference.py``)."""
+    from client.objectives import build_objective  # objectives import this module's types
+
+    training = scenario.training
+
+    def recipe(model: nn.Module, split: Split, seed: int, server_round: int) -> None:
+        objective = build_objective(training.objective, training.objective_params, server_round=server_round)
+        train_locally(model, split, objective, epochs=training.local_epochs, batch_size=training.batch_size,
+                      learning_rate=training.learning_rate, weight_decay=training.weight_decay, seed=seed)
+
+    return recipe
 
 
 def state_to_numpy(model: nn.Module) -> OrderedDict[str, np.ndarray]:

@@ -2,8 +2,8 @@
 
 Every update is first compressed to a fixed-size CountSketch (and a fixed sample of its
 coordinates), so each step below costs time linear in the number of parameters. Detectors
-(``server/detectors.py``, a registry, one small class each) then give every client a
-p-value with an explanation:
+(``server/detectors.py`` and, for harm on the validation cases, ``server/harm_detectors.py``;
+a registry, one small class each) then give every client a p-value with an explanation:
 
 - ``forecast``: how far the update departs from what this client's own accepted history
   predicts, against how far it usually departs. A hospital that is always different is
@@ -32,6 +32,10 @@ p-value with an explanation:
   its bootstrap error. Judged against zero, not the client's history (an attacker present
   from the first round would otherwise be its own yardstick) nor the other clients (being
   the least helpful is no harm).
+- ``reference-direction``: the same, against the server's own training instead of a
+  gradient: copies of the round's model trained as a hospital would on the validation
+  cases, at two prevalences (their difference is what a prevalence does to an update,
+  through Adam's steps) and balanced (``server/reference.py``).
 
 Both ranking measures take an update without its common shift, the part that moves every
 validation score together (``server/guard_round.py``, ``without_common_shift``): that part
@@ -159,7 +163,7 @@ class CausalGuard:
     harm_share: float = 0.5
     detectors: tuple[str, ...] = (
         "forecast", "magnitude", "shrinkage", "alignment", "dependence", "crafted", "data-span",
-        "intervention", "solo-ranking", "validation-direction",
+        "intervention", "solo-ranking", "validation-direction", "reference-direction",
     )
     seed: int = 0
     memories: dict[str, ClientMemory] = field(default_factory=dict)

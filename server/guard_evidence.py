@@ -102,6 +102,8 @@ class Measurements:
     solo_auroc_changes: np.ndarray | None = None  # validation AUROC of its model alone minus the start's
     ranking_alignments: np.ndarray | None = None  # cosine with the validation ranking's descent direction
     ranking_errors: np.ndarray | None = None  # their bootstrap standard errors
+    reference_alignments: np.ndarray | None = None  # cosine with the server's balanced reference training
+    reference_errors: np.ndarray | None = None  # their jackknife standard errors over the references
     data_span_ratios: np.ndarray | None = None  # share of its norm along validation gradients, over noise's share
     samples: np.ndarray | None = None  # (n, m): the same m coordinates of every update, unmixed
 

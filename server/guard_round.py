@@ -20,6 +20,7 @@ from common.metrics import auroc
 from common.protocol import ARRAYS_KEY, METRICS_KEY
 from server.guard import CausalGuard, Verdict
 from server.guard_evidence import Measurements
+from server.reference import BALANCED_REFERENCES, EXTREME_REFERENCES, reference_alignments, train_references
 
 ANOMALY_DIR = "anomalies"
 
@@ -62,12 +63,18 @@ def _flat_gradient(grads: dict[str, torch.Tensor], names: list[str], shapes: lis
     ])
 
 
+# Trains a model in place on a split as a hospital would: (model, split, seed, server round).
+Recipe = Callable[[torch.nn.Module, Split, int, int], None]
+
+
 @dataclass
 class ValidationProbe:
-    """The server's small clean validation set, and how to score a flat parameter vector."""
+    """The server's small clean validation set, how to score a flat parameter vector and,
+    with a ``recipe``, how to train one as a hospital would (``server/reference.py``)."""
 
     split: Split
     build_model: Callable[[], torch.nn.Module]
+    recipe: Recipe | None = None
 
     def _model(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> torch.nn.Module:
         model = self.build_model()
@@ -88,6 +95,18 @@ class ValidationProbe:
 
     def auroc(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> float:
         return auroc(labels=self.split.labels, scores=self._logits(flat, names, shapes).numpy())
+
+    def trained(
+        self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]], split: Split, *, seed: int,
+        server_round: int,
+    ) -> np.ndarray:
+        """The flat vector after a hospital's local training (``recipe``) from ``flat`` on ``split``."""
+        if self.recipe is None:
+            raise ValueError("this probe has no training recipe")
+        model = self._model(flat, names, shapes)
+        self.recipe(model, split, seed, server_round)
+        state = model.state_dict()
+        return np.concatenate([state[name].numpy().astype(np.float64).ravel() for name in names])
 
     def common_shift(self, flat: np.ndarray, names: list[str], shapes: list[tuple[int, ...]]) -> np.ndarray:
         """The gradient at ``flat`` of the mean score over the validation cases (flat, in
@@ -226,6 +245,8 @@ def guard_replies(
     global_arrays: ArrayRecord,
     sites: list[str],
     probe: ValidationProbe | None,
+    *,
+    server_round: int = 1,
 ) -> tuple[list[Verdict], dict]:
     names = list(global_arrays.keys())
     shapes = [tuple(global_arrays[name].shape) for name in names]
@@ -245,6 +266,14 @@ def guard_replies(
         directions = ranking_directions(start, probe, names, shapes, shift=shift)
         measured.ranking_alignments, measured.ranking_errors = ranking_alignments(unshifted, directions)
         measured.data_span_ratios = data_span_ratios(unshifted, directions)
+        cases = int(np.median(weights))
+        if probe.recipe is not None and cases >= 2:
+            def train(flat: np.ndarray, split: Split, seed: int) -> np.ndarray:
+                return probe.trained(flat, names, shapes, split, seed=seed, server_round=server_round)
+
+            references = train_references(start, probe.split, train, cases=cases, balanced=BALANCED_REFERENCES,
+                                          extremes=EXTREME_REFERENCES, seed=guard.seed)
+            measured.reference_alignments, measured.reference_errors = reference_alignments(deltas, references)
     verdicts, graph = guard.judge(sites, sketches, measured)
     graph["validation_loss"] = base
     graph["update_norms"] = np.linalg.norm(deltas, axis=1)  # the strategy bounds borderline updates by their median

@@ -197,7 +197,7 @@ class CausalFedAvg(FedAvg):
     def _apply_guard(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Judge every update; drop the flagged ones, down-weight the borderline ones."""
         sites = [self._site(r) for r in replies]
-        verdicts, graph = guard_replies(self.guard, replies, self._sent, sites, self.probe)
+        verdicts, graph = guard_replies(self.guard, replies, self._sent, sites, self.probe, server_round=server_round)
         if self.report_dir is not None:
             write_anomaly_report(self.report_dir, server_round, verdicts, graph)
         kept = []

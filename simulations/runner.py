@@ -24,7 +24,7 @@ from server.app import build_server_app
 from common.files import atomic_write_text
 from server.history import RunHistory, load_history
 from server.resume import STATE_FILE, ResumeError, ServerState, load_resume_point
-from client.task import scenario_model
+from client.task import hospital_recipe, scenario_model
 from server.guard_round import ValidationProbe
 from simulations.attacks import ATTACKS, Attack, AttackingGrid, PoisonedSites
 from simulations.datasets import server_validation_split
@@ -153,7 +153,7 @@ def _validation_probe(scenario: Scenario) -> ValidationProbe | None:
     split = server_validation_split(scenario)
     if split is None:
         return None
-    return ValidationProbe(split, lambda: scenario_model(scenario))
+    return ValidationProbe(split, lambda: scenario_model(scenario), recipe=hospital_recipe(scenario))
 
 
 def _attack(scenario: Scenario, sites: ScenarioSites) -> tuple[Attack, PoisonedSites] | None:

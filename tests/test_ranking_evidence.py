@@ -20,6 +20,9 @@ def test_the_first_round_threshold_counts_the_guards_bonferroni():
         norm.isf(5e-4))
     assert study.first_round_flag_z(("validation-direction", "solo-ranking"), fdr=0.01, clients=10) == pytest.approx(
         norm.isf(5e-4))
+    # The threshold of the detector studied, here the reference direction, in the same family.
+    assert study.first_round_flag_z(("validation-direction", "reference-direction"), fdr=0.01, clients=10,
+                                    detector="reference-direction") == pytest.approx(norm.isf(5e-4))
 
 
 def test_the_table_counts_attackers_over_the_threshold_and_the_worst_honest_round():
