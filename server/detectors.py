@@ -242,8 +242,9 @@ def helpful_clients(findings: dict[str, Finding], *, min_pooled_help: float) -> 
     return (direction.extra["pooled"] <= -min_pooled_help) & (direction.extra["z"] < 0)
 
 
-def excuse(findings: dict[str, Finding], helpful: np.ndarray) -> dict[str, Finding]:
-    """The findings with habit-only detectors' evidence set aside for ``helpful`` clients.
+def excuse(findings: dict[str, Finding], helpful: np.ndarray, *, names: set[str] | None = None) -> dict[str, Finding]:
+    """The findings with habit-only detectors' evidence (or that of the detectors ``names``)
+    set aside for ``helpful`` clients.
 
     Why: once an honest hospital is flagged for a change of habit, its history stops
     learning, and its next rounds are compared with a stale forecast, so the flag feeds
@@ -256,7 +257,7 @@ def excuse(findings: dict[str, Finding], helpful: np.ndarray) -> dict[str, Findi
         return findings
     return {name: Finding(np.where(helpful, 1.0, finding.p_values), finding.reasons,
                           {**finding.extra, "unexcused_p": finding.p_values})
-            if DETECTORS[name].habit_only else finding
+            if (DETECTORS[name].habit_only if names is None else name in names) else finding
             for name, finding in findings.items()}
 
 

@@ -45,7 +45,10 @@ Forecast, alignment, shrinkage and solo ranking (after a client's first round: i
 learns from every round, ``ClientMemory.remember_solo_change``) ask only whether a client
 changed its habit; a client whose updates point with the validation ranking
 (``validation-direction``, over its recent rounds and with it this round too) has that
-evidence excused: its change is learning.
+evidence excused: its change is learning. A client whose update points with both the
+validation ranking and the server's reference this round has its ``intervention`` evidence
+excused: a validation log-loss that improves without it is its prevalence (calibration),
+not harm to the ranking (``pointing_with_the_ranking``).
 
 The p-values are combined per client (Bonferroni within detector families, then a
 weighted Bonferroni across them: half the level to harm, ``intervention``, half shared by
@@ -72,6 +75,7 @@ from typing import Any
 import numpy as np
 
 from server.detectors import DETECTORS, combine_by_family, excuse, helpful_clients
+from server.harm_detectors import InterventionDetector, pointing_with_the_ranking
 from server.guard_evidence import ClientMemory, Finding, Measurements, RoundEvidence
 from server.guard_stats import (
     accumulate_over_rounds,
@@ -196,6 +200,7 @@ class CausalGuard:
             evidence = self.evidence([clients[i] for i in active], sketches[active], measured.subset(active))
             findings = {name: DETECTORS[name]().inspect(evidence) for name in self.detectors}
             findings = excuse(findings, helpful_clients(findings, min_pooled_help=self.min_pooled_help))
+            findings = excuse(findings, pointing_with_the_ranking(findings), names={InterventionDetector.name})
             combined = combine_by_family({name: f.p_values for name, f in findings.items()},
                                          harm_share=self.harm_share)
             alone = combine_by_family({name: np.ones_like(f.p_values) if DETECTORS[name].sums_over_rounds

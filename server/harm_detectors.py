@@ -167,3 +167,25 @@ class ReferenceDirectionDetector(ValidationDirectionDetector):
 
     def measurements(self, measured: Measurements) -> tuple[np.ndarray | None, np.ndarray | None]:
         return measured.reference_alignments, measured.reference_errors
+
+
+# The first-order harm detectors: whether an update points with what ranks the clean cases.
+DIRECTIONS = ("validation-direction", "reference-direction")
+
+
+def pointing_with_the_ranking(findings: dict[str, Finding]) -> np.ndarray:
+    """Clients whose update this round points with every direction measured (``DIRECTIONS``:
+    the validation ranking and the server's balanced reference), by at least their
+    ``min_cosine``. None measured: nobody.
+
+    For these, a validation log-loss that leaving them out improves (``intervention``) is
+    calibration, not harm: with three attackers out of seed 9's Gaussian-noise row, the
+    honest hospitals left averaged 0.51 positives against the validation set's 0.41, and
+    in round 6 leaving out hospital 04 or 06 (0.61, pointing with both directions) lowered
+    the validation log-loss by 0.005 and 0.006 (p 4e-6 and 2e-6; flagged on that alone).
+    Seeds 2 and 7 flagged the same hospitals the same way in the thirteenth version.
+    """
+    scores = [findings[name].extra["z"] for name in DIRECTIONS if name in findings and "z" in findings[name].extra]
+    if not scores:
+        return np.zeros(len(next(iter(findings.values())).p_values), dtype=bool)
+    return np.all([np.isfinite(z) & (z < 0) for z in scores], axis=0)

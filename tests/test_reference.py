@@ -117,3 +117,25 @@ def test_an_update_against_the_reference_is_harm_and_no_reference_is_no_evidence
     verdicts, _ = CausalGuard(detectors=("reference-direction",)).judge(clients, np.ones((8, 16)), Measurements())
     assert all(v.p_values["reference-direction"] == 1.0 for v in verdicts)
     assert DETECTORS["reference-direction"].family == DETECTORS["validation-direction"].family
+
+
+def test_leaving_out_a_client_that_points_with_the_ranking_is_calibration_not_harm():
+    """A validation log-loss that improves without a client is excused when its update points
+    with both the validation ranking and the reference (its prevalence pulls the bias), and
+    not when either direction is missing or against it."""
+    clients = [f"h{i}" for i in range(8)]
+    effects = np.array([1e-4, -2e-4, 3e-4, 0.0, 1e-4, -1e-4, 2e-4, -0.02])  # h7: the aggregate is better without it
+    detectors = ("intervention", "validation-direction", "reference-direction")
+
+    def verdict(ranking: float, reference: float):
+        cosines = np.full(8, 0.2)
+        measured = Measurements(loo_effects=effects,
+                                ranking_alignments=np.r_[cosines[:7], ranking], ranking_errors=np.full(8, 0.03),
+                                reference_alignments=np.r_[cosines[:7], reference], reference_errors=np.full(8, 0.03))
+        return CausalGuard(detectors=detectors).judge(clients, np.ones((8, 16)), measured)[0][7]
+
+    with_both = verdict(0.2, 0.2)
+    assert not with_both.flagged and with_both.p_values["intervention"] == 1.0
+    assert any(reason.startswith("excused intervention") for reason in with_both.reasons)
+    assert verdict(0.2, 0.0).flagged  # no reference direction: the loss is all there is
+    assert verdict(0.2, -0.1).flagged  # against the reference
