@@ -20,6 +20,7 @@ from common.metrics import auroc
 from common.protocol import ARRAYS_KEY, METRICS_KEY
 from server.guard import CausalGuard, Verdict
 from server.guard_evidence import Measurements
+from server.guard_stats import without_direction
 from server.reference import BALANCED_REFERENCES, EXTREME_REFERENCES, reference_alignments, train_references
 
 ANOMALY_DIR = "anomalies"
@@ -154,8 +155,7 @@ def without_common_shift(vectors: np.ndarray, shift: np.ndarray) -> np.ndarray:
     honest low-prevalence hospitals' models alone lost 0.13 validation AUROC in round 1,
     the label-flipper's 0.20. Without the shift, theirs lost 0.01 and the flipper's 0.18.
     """
-    unit = shift / (np.linalg.norm(shift) + 1e-12)
-    return vectors - np.outer(vectors @ unit, unit)
+    return without_direction(vectors, shift)
 
 
 def leave_one_out_effects(

@@ -6,6 +6,7 @@ the guard's cost per round stays linear in the model's size.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -40,6 +41,18 @@ def coordinate_sample(vector: np.ndarray, *, size: int = SAMPLE_SIZE, seed: int 
         return vector.copy()
     chosen = np.sort(np.random.default_rng(seed).choice(len(vector), size, replace=False))
     return vector[chosen]
+
+
+def without_direction(vectors: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """``vectors`` (one per row) less their component along ``direction`` (any length)."""
+    unit = direction / (np.linalg.norm(direction) + 1e-12)
+    return vectors - np.outer(vectors @ unit, unit)
+
+
+def round_rng(start: np.ndarray, *, seed: int) -> np.random.Generator:
+    """Randomness drawn from the round's global model (flat): a resumed run draws the same."""
+    digest = hashlib.sha256(np.ascontiguousarray(start).tobytes()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
 
 
 def log_norms(rows: np.ndarray) -> np.ndarray:

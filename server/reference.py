@@ -20,13 +20,13 @@ the number of parameters.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from common.data import Split
+from server.guard_stats import round_rng, without_direction
 
 # The prevalences whose references' difference is the prevalence direction, and the one
 # of the references along which learning is judged (the validation cases carry no shortcut).
@@ -43,7 +43,7 @@ ReferenceTrainer = Callable[[np.ndarray, Split, int], np.ndarray]
 
 @dataclass(frozen=True)
 class References:
-    """One round's reference updates: the prevalence direction (unit vector) and the
+    """One round's reference updates: the prevalence direction (any length) and the
     balanced references without it (one per row)."""
 
     prevalence_direction: np.ndarray
@@ -60,33 +60,18 @@ def prevalence_sample(split: Split, *, prevalence: float, size: int, rng: np.ran
     return split.subset(rng.permutation(chosen))
 
 
-def round_rng(start: np.ndarray, *, seed: int) -> np.random.Generator:
-    """Randomness drawn from the round's global model: a resumed run trains the same references."""
-    digest = hashlib.sha256(np.ascontiguousarray(start).tobytes()).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
-
-
-def _unit(vector: np.ndarray) -> np.ndarray:
-    return vector / (np.linalg.norm(vector) + 1e-12)
-
-
-def without_direction(vectors: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """``vectors`` (one per row) less their component along the unit vector ``unit``."""
-    return vectors - np.outer(vectors @ unit, unit)
-
-
 def train_references(
     start: np.ndarray, split: Split, train: ReferenceTrainer, *, cases: int, balanced: int, extremes: int, seed: int,
 ) -> References:
     """``extremes`` references at each extreme prevalence, for the prevalence direction, and
     ``balanced`` ones at the balanced prevalence, each on ``cases`` cases of ``split``."""
-    rng = round_rng(start, seed=seed)
+    rng = round_rng(start, seed=seed)  # a resumed run trains the same references
 
     def updates(prevalence: float, count: int) -> np.ndarray:
         return np.stack([train(start, prevalence_sample(split, prevalence=prevalence, size=cases, rng=rng),
                                int(rng.integers(2**31))) - start for _ in range(count)])
 
-    direction = _unit(updates(HIGH_PREVALENCE, extremes).mean(axis=0) - updates(LOW_PREVALENCE, extremes).mean(axis=0))
+    direction = updates(HIGH_PREVALENCE, extremes).mean(axis=0) - updates(LOW_PREVALENCE, extremes).mean(axis=0)
     return References(direction, without_direction(updates(BALANCED, balanced), direction))
 
 

@@ -8,7 +8,6 @@ attacker trains on. Attackers never send identical vectors: each adds its own ji
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -20,6 +19,7 @@ from flwr.app import Message
 from common.data import SiteData, Split
 from common.protocol import ARRAYS_KEY
 from server.guard_round import as_record, flatten
+from server.guard_stats import round_rng
 from simulations.local_grid import LocalGrid
 
 ATTACKS: dict[str, type[Attack]] = {}
@@ -215,7 +215,7 @@ class AttackingGrid(LocalGrid):
         sent = messages[0].content.array_records[ARRAYS_KEY]
         start = flatten(sent)
         # Randomness drawn from the round's global model: a resumed run replays the attack.
-        rng = np.random.default_rng([self.seed, int.from_bytes(hashlib.sha256(start.tobytes()).digest()[:8], "little")])
+        rng = round_rng(start, seed=self.seed)
         honest_deltas = np.stack([flatten(self._replies[i].content.array_records[ARRAYS_KEY]) - start for _, i in honest])
         for index, (_, message_id) in enumerate(attackers):
             reply = self._replies[message_id]

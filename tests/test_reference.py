@@ -17,8 +17,8 @@ from server.reference import (
     prevalence_sample,
     reference_alignments,
     train_references,
-    without_direction,
 )
+from server.guard_stats import without_direction
 
 
 def _world(rng: np.random.Generator, n: int, *, prevalence: float) -> Split:
