@@ -33,8 +33,13 @@ from server.guard_stats import round_rng, without_direction
 LOW_PREVALENCE, HIGH_PREVALENCE, BALANCED = 0.25, 0.75, 0.5
 # References per round: at each extreme, and balanced. One training of 400 cases costs
 # about 0.09 s here; single balanced references disagree (cosines 0.3 between two), and
-# the jackknife error over eight of them is what the statistic is judged by.
-EXTREME_REFERENCES, BALANCED_REFERENCES = 2, 8
+# the jackknife error over them is what the statistic is judged by. Sixteen, not eight:
+# against eight, seed 4's label-flipped hospital 02 read -0.35 +/- 0.08 in round 2, and
+# its round-1 reading pulled the sum over rounds under the level. Against sixteen it was
+# caught in round 2, not 3, and the third label-flipper in round 1, not 3; seed 4's mean
+# TPR went from 0.966 to 0.971, and the largest honest round-1 z over 61 seeds from 4.7
+# to 3.6 (``benchmarks/GUARD_HISTORY.md``, seventeenth version).
+EXTREME_REFERENCES, BALANCED_REFERENCES = 2, 16
 
 # Trains a model, given as a flat parameter vector, on a split as a hospital would in this
 # round; returns the trained flat vector (same order).
