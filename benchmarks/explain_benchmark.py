@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import Scenario, parse_scenario
+from simulations.scenario import SimulationScenario as Scenario, parse_scenario
 from server.explain import explain_drop
 from simulations.runner import run_scenario
 

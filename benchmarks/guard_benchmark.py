@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from client.task import new_model, predict_scores
-from common.config import Scenario, load_scenario
+from simulations.scenario import SimulationScenario as Scenario, load_scenario
 from simulations.attacks import ATTACKS, BACKDOOR_TARGET, stamp_trigger, trigger_flip_rate
 from simulations.datasets import build_site
 from simulations.runner import run_scenario

@@ -24,7 +24,7 @@ import numpy as np
 from client.objectives import build_objective
 from client.priors import prior_shift_offset
 from client.task import evaluate, new_model, train_locally
-from common.config import Scenario, load_scenario
+from simulations.scenario import SimulationScenario as Scenario, load_scenario
 from common.data import Split
 from simulations.datasets import build_site
 from simulations.runner import run_scenario

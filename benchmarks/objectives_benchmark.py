@@ -38,7 +38,7 @@ import torch
 from client.adapt import adapt_features
 from client.models import model_for_state
 from client.task import evaluate
-from common.config import Scenario, load_scenario
+from simulations.scenario import SimulationScenario as Scenario, load_scenario
 from simulations.datasets import build_site
 from simulations.pooled import run_pooled
 from simulations.runner import run_scenario

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from common.config import Scenario, load_scenario
+from simulations.scenario import SimulationScenario as Scenario, load_scenario
 from simulations.runner import run_scenario
 from simulations.selection import summarise_run
 

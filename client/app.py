@@ -91,7 +91,7 @@ def _round_seed(instructions: TrainInstructions, site: SiteData) -> int:
 
 def handle_query(site: SiteData) -> RecordDict:
     counts = {"num-train": len(site.train), "num-positive": int(site.train.labels.sum())}
-    profile = SiteProfile(site=site.name, role=site.role, **counts)
+    profile = SiteProfile(site=site.name, role=site.role, **counts, **{"input-shape": list(site.train.input_shape)})
     return RecordDict({PROFILE_KEY: profile.to_record()})
 
 
@@ -241,6 +241,12 @@ def handle_checkpoint(
     return RecordDict({CHECKPOINT_KEY: ConfigRecord({"kept": checkpoint.tree_size})})
 
 
+def message_round(message: Message) -> int | None:
+    """The server round a train or evaluate message is for (None for other messages)."""
+    config = message.content.config_records.get(CONFIG_KEY)
+    return int(config["server-round"]) if config is not None and "server-round" in config else None
+
+
 def _node_path(context: Context, key: str, fallback: Path | None) -> Path | None:
     value = context.node_config.get(key)
     return Path(str(value)) if value else fallback
@@ -264,10 +270,10 @@ def build_client_app(
     """
     app = ClientApp()
 
-    def site(context: Context) -> SiteData:
+    def site(context: Context, message: Message | None = None) -> SiteData:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-        return site_source(context)
+        return site_source(context, message_round(message) if message is not None else None)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
@@ -277,7 +283,7 @@ def build_client_app(
     def train(message: Message, context: Context) -> Message:
         content = handle_train(
             message,
-            site(context),
+            site(context, message),
             context,
             epsilon_budget=budget_source(context),
             state_dir=_node_path(context, "checkpoint-dir", checkpoint_dir),
@@ -286,7 +292,7 @@ def build_client_app(
 
     @app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:
-        return Message(handle_evaluate(message, site(context), context), reply_to=message)
+        return Message(handle_evaluate(message, site(context, message), context), reply_to=message)
 
     @app.query("checkpoint")
     def keep_checkpoint(message: Message, context: Context) -> Message:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.priors import prior_shift_offset
+from common.config import DataConfig, TrainingConfig
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -212,6 +213,28 @@ def validate_objective(name: str, params: dict[str, Any]) -> ObjectiveParams:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ValueError(f"bad parameters for objective {name!r}: {problems}") from None
+
+
+def check_training(training: TrainingConfig, data: DataConfig) -> None:
+    """Raise ValueError if the scenario's training recipe cannot run on its data: an unknown
+    objective or parameters, DP-SGD with an objective whose loss is not per example, or an
+    image model for feature rows."""
+    validate_objective(training.objective, training.objective_params)
+    objective = OBJECTIVES[training.objective]
+    if training.privacy is not None and not objective.per_example_loss:
+        raise ValueError(
+            f"objective {training.objective!r} is not a sum of per-example losses, so DP-SGD's "
+            "per-example clipping cannot bound its sensitivity; use it without [training.privacy]"
+        )
+    if training.privacy is not None and objective.architecture != "plain":
+        raise ValueError(
+            f"objective {training.objective!r} trains the {objective.architecture!r} model; DP-SGD runs on the plain "
+            "one, whose layers Opacus can clip per example"
+        )
+    if data.source == "heart_disease" and objective.architecture != "plain":
+        raise ValueError(
+            f"objective {training.objective!r} needs an image model; the heart-disease hospitals have feature rows only"
+        )
 
 
 def build_objective(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from client.models import FEATURE_DIM, new_model, strata_index  # noqa: F401 (re-exported)
-from common.config import Scenario
+from common.protocol import TrainInstructions
 from common.data import Split
 from common.feature_shift import FeatureMoments
 from common.metrics import binary_metrics
@@ -19,25 +19,22 @@ from common.metrics import binary_metrics
 if TYPE_CHECKING:
     from client.objectives import Objective
 
-def scenario_model(scenario: Scenario, *, seed: int = 0) -> nn.Module:
-    """A fresh model of the kind the scenario's objective trains, for its data."""
-    return new_model(seed=seed, input_shape=scenario.data.input_shape, architecture=scenario.training.architecture)
+
+def model_for(objective: str, *, input_shape: tuple[int, ...], seed: int = 0) -> nn.Module:
+    """A fresh model of the kind ``objective`` trains (``client.objectives``), for these inputs."""
+    from client.objectives import OBJECTIVES  # objectives import this module's types
+
+    return new_model(seed=seed, input_shape=input_shape, architecture=OBJECTIVES[objective].architecture)
 
 
-def hospital_recipe(scenario: Scenario) -> Callable[[nn.Module, Split, int, int], None]:
-    """How a hospital of ``scenario`` trains in a round, as ``recipe(model, split, seed,
-    server_round)`` (in place): its objective and local training settings. The server's
-    reference trainings use it (``server/reference.py``)."""
-    from client.objectives import build_objective  # objectives import this module's types
+def train_as_instructed(model: nn.Module, split: Split, instructions: TrainInstructions, *, seed: int) -> dict[str, float]:
+    """One round of local training, in place, as the server's instructions ask (no DP-SGD):
+    what a hospital does, and what the server's reference trainings repeat."""
+    from client.objectives import build_objective
 
-    training = scenario.training
-
-    def recipe(model: nn.Module, split: Split, seed: int, server_round: int) -> None:
-        objective = build_objective(training.objective, training.objective_params, server_round=server_round)
-        train_locally(model, split, objective, epochs=training.local_epochs, batch_size=training.batch_size,
-                      learning_rate=training.learning_rate, weight_decay=training.weight_decay, seed=seed)
-
-    return recipe
+    objective = build_objective(instructions.objective, instructions.params(), server_round=instructions.server_round)
+    return train_locally(model, split, objective, epochs=instructions.local_epochs, batch_size=instructions.batch_size,
+                         learning_rate=instructions.learning_rate, weight_decay=instructions.weight_decay, seed=seed)
 
 
 def state_to_numpy(model: nn.Module) -> OrderedDict[str, np.ndarray]:
@@ -67,7 +64,7 @@ def split_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
 
 def split_strata(split: Split) -> torch.Tensor:
     """Each case's stratum from the acquisition states its hospital recorded."""
-    return torch.as_tensor(strata_index(split.confounders, num_cases=len(split)))
+    return torch.as_tensor(strata_index(split.recorded, num_cases=len(split)))
 
 
 def train_locally(

@@ -1,14 +1,13 @@
-"""Scenario configuration: pydantic models, validated once when a scenario is loaded.
+"""Scenario settings shared by hospitals and server: the data each hospital holds and the
+training recipe. Pydantic models, validated once when a scenario is read.
 
-A scenario names the hospitals (their acquisition and how strongly each shortcut tracks
-the label there), the training recipe and the federation. It is written in TOML; see
-``simulations/scenarios/default.toml``.
+A scenario is written in TOML (``common/scenarios/default.toml``). The federation's own
+section and the full ``Scenario`` live with the server (``server/config.py``); a simulation
+adds its attack (``simulations/scenario.py``). This module imports nothing from them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -17,18 +16,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ConfounderName = Literal["tag", "denoising", "noise", "sex"]
+CONFOUNDERS: tuple[str, ...] = ("tag", "denoising", "noise", "sex")
 SiteRole = Literal["train", "heldout"]
 
 
 class ScenarioError(ValueError):
-    """A scenario file that cannot be used; the message says where and why."""
+    """A scenario that cannot be used; the message says where and why."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Acquisition(_Strict):
+class Acquisition(Strict):
     """How one hospital's scanner turns the scene into an image (label-independent)."""
 
     gamma: float = Field(1.0, gt=0.1, le=5.0, description="contrast curve exponent")
@@ -40,7 +40,7 @@ class Acquisition(_Strict):
     )
 
 
-class Site(_Strict):
+class Site(Strict):
     """One hospital."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -49,8 +49,17 @@ class Site(_Strict):
     prevalence: float = Field(0.5, gt=0.0, lt=1.0, description="P(lesion) at this site")
     correlation: float = Field(
         0.5, ge=0.0, le=1.0,
-        description="P(confounder state == label) for every active confounder; 0.5 = none "
-        "(simulated and MedMNIST sites; real tabular hospitals ignore it)",
+        description="P(confounder state == label) for every active confounder not set in `correlations`; "
+        "0.5 = no shortcut (simulated and MedMNIST sites; real tabular hospitals ignore it)",
+    )
+    correlations: dict[ConfounderName, float] = Field(
+        default_factory=dict,
+        description="per-confounder P(state == label) at this site, overriding `correlation`",
+    )
+    recorded: tuple[ConfounderName, ...] | None = Field(
+        None,
+        description="the confounders this hospital records per case (DICOM protocol, post-processing, "
+        "sex); None: every active one. Any may exist unrecorded.",
     )
     acquisition: Acquisition = Acquisition()
     label_noise: float | None = Field(
@@ -62,8 +71,24 @@ class Site(_Strict):
         "(None: the federation's target_epsilon)",
     )
 
+    @field_validator("correlations")
+    @classmethod
+    def _probabilities(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: p for name, p in value.items() if not 0.0 <= p <= 1.0}
+        if bad:
+            raise ValueError(f"correlations are probabilities in [0, 1]: {bad}")
+        return value
 
-class DataConfig(_Strict):
+    def correlation_of(self, confounder: str) -> float:
+        """P(state == label) of ``confounder`` at this site."""
+        return self.correlations.get(confounder, self.correlation)
+
+    def records(self, active: tuple[str, ...]) -> tuple[str, ...]:
+        """The active confounders this hospital writes down per case."""
+        return tuple(c for c in active if self.recorded is None or c in self.recorded)
+
+
+class DataConfig(Strict):
     source: Literal["synthetic", "medmnist", "heart_disease"] = "synthetic"
     medmnist_file: str | None = Field(
         None, description="path to a MedMNIST .npz (binary labels) when source = 'medmnist'"
@@ -105,25 +130,18 @@ class DataConfig(_Strict):
             unknown = [n for n in names if n not in known]
             if unknown:
                 raise ValueError(f"heart-disease sites are the real hospitals {list(known)}; unknown: {unknown}")
+        for site in self.sites:
+            foreign = sorted((set(site.correlations) | set(site.recorded or ())) - set(self.confounders))
+            if foreign:
+                raise ValueError(f"site {site.name!r} sets confounders {foreign} that data.confounders does not activate")
         return self
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """What one case looks like to the model: an image, or a row of features."""
-        if self.source == "heart_disease":
-            from simulations.heart_disease import feature_names
-
-            return (len(feature_names(self.missing)),)
-        from common.data import IMAGE_SHAPE
-
-        return IMAGE_SHAPE
 
     @property
     def train_sites(self) -> tuple[Site, ...]:
         return tuple(s for s in self.sites if s.role == "train")
 
 
-class PrivacyConfig(_Strict):
+class PrivacyConfig(Strict):
     """DP-SGD at every training hospital (Opacus); noise is calibrated per hospital so the
     planned rounds spend exactly ``target_epsilon``."""
 
@@ -132,7 +150,10 @@ class PrivacyConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0.0)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Strict):
+    """What every training hospital does in a round. The objective's name and parameters
+    are checked against the objective registry by ``client.objectives.check_training``."""
+
     objective: str = "erm"
     objective_params: dict[str, float] = Field(default_factory=dict)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
@@ -146,146 +167,8 @@ class TrainingConfig(_Strict):
         "federation's (P(Y) differs by site, P(X|Y) is shared): Bayes' rule under label shift",
     )
 
-    @model_validator(mode="after")
-    def _known_objective(self) -> TrainingConfig:
-        # Imported here: the registry lives with the client, the config must not import torch eagerly.
-        from client.objectives import OBJECTIVES, validate_objective
 
-        validate_objective(self.objective, self.objective_params)
-        objective = OBJECTIVES[self.objective]
-        if self.privacy is not None and not objective.per_example_loss:
-            raise ValueError(
-                f"objective {self.objective!r} is not a sum of per-example losses, so DP-SGD's "
-                "per-example clipping cannot bound its sensitivity; use it without [training.privacy]"
-            )
-        if self.privacy is not None and objective.needs_strata:
-            raise ValueError(f"objective {self.objective!r} needs per-case strata, which DP-SGD's sampler does not carry")
-        if self.privacy is not None and objective.architecture != "plain":
-            raise ValueError(
-                f"objective {self.objective!r} trains the {objective.architecture!r} model; DP-SGD runs on the plain "
-                "one, whose layers Opacus can clip per example"
-            )
-        return self
-
-    @property
-    def architecture(self) -> str:
-        """The model the objective trains (client.models.ARCHITECTURES)."""
-        from client.objectives import OBJECTIVES
-
-        return OBJECTIVES[self.objective].architecture
-
-
-class GuardConfig(_Strict):
-    """The server guard (server/guard.py): causal dependency graph over client updates."""
-
-    enabled: bool = True
-    fdr: float = Field(0.01, gt=0.0, lt=0.5, description="false-discovery rate across clients, per round")
-    # 1000: a flipped update's cosine with the validation ranking is -0.15 to -0.45, and its
-    # bootstrap error (``ValidationDirectionDetector``) shrinks as one over the root of the
-    # cases. With 200 cases flippers were caught in round 3 to never; with 500 in rounds 1
-    # to 6; with 1000, round-1 flippers on seeds 2, 11 and 12 stood at z 5 to 6, and seed
-    # 2's mean TPR rose from 0.86 to 0.98 (benchmarks/GUARD_HISTORY.md, tenth version).
-    validation_cases: int = Field(1000, ge=0, le=10_000, description="server-side clean validation set (0: none)")
-
-
-AggregationName = Literal["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean"]
-
-
-class FederationConfig(_Strict):
-    num_rounds: int = Field(20, ge=1, le=10_000)
-    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
-    engine: Literal["ray", "inprocess"] = "ray"
-    round_timeout_s: float = Field(600.0, gt=0.0)
-    aggregation: AggregationName = Field("fedavg", description="Flower's rule behind the guard (robust baselines)")
-    assumed_malicious: int = Field(0, ge=0, description="what Krum/MultiKrum/Bulyan are told to tolerate")
-    guard: GuardConfig | None = None
-
-
-class AttackConfig(_Strict):
-    """Simulation only: which hospitals attack, and how (simulations/attacks.py)."""
-
-    name: str
-    malicious: tuple[str, ...] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _known_attack(self) -> AttackConfig:
-        from simulations.attacks import ATTACKS
-
-        if self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r}; registered: {sorted(ATTACKS)}")
-        return self
-
-
-class Scenario(_Strict):
-    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = Field(0, ge=0)
-    data: DataConfig
-    training: TrainingConfig = TrainingConfig()
-    federation: FederationConfig = FederationConfig()
-    attack: AttackConfig | None = None
-
-    @model_validator(mode="after")
-    def _robust_rule_fits(self) -> Scenario:
-        federation, n = self.federation, len(self.data.train_sites)
-        f = federation.assumed_malicious
-        if federation.aggregation in ("krum", "multikrum") and n <= 2 * f + 2:
-            raise ValueError(f"Krum tolerates f attackers among n > 2f + 2 hospitals; n = {n}, f = {f}")
-        if federation.aggregation == "bulyan" and n < 4 * f + 3:
-            raise ValueError(f"Bulyan needs n >= 4f + 3 hospitals; n = {n}, f = {f}")
-        return self
-
-    @model_validator(mode="after")
-    def _objective_fits_data(self) -> Scenario:
-        from client.objectives import OBJECTIVES
-
-        objective = OBJECTIVES[self.training.objective]
-        if self.data.source == "heart_disease" and (objective.architecture != "plain" or objective.needs_strata):
-            raise ValueError(
-                f"objective {self.training.objective!r} needs image models and recorded acquisition strata; "
-                "the heart-disease hospitals have feature rows only"
-            )
-        if objective.needs_strata and not self.data.confounders:
-            raise ValueError(f"objective {self.training.objective!r} needs recorded strata; data.confounders is empty")
-        return self
-
-    @model_validator(mode="after")
-    def _attackers_exist(self) -> Scenario:
-        if self.attack is not None:
-            train = {s.name for s in self.data.sites if s.role == "train"}
-            unknown = sorted(set(self.attack.malicious) - train)
-            if unknown:
-                raise ValueError(f"attackers must be training hospitals; not one: {unknown}")
-            if self.federation.engine != "inprocess":
-                raise ValueError("attack simulations run on the in-process engine (attackers see honest updates)")
-        return self
-
-    def digest(self) -> str:
-        """SHA-256 of the canonical JSON form: identifies this exact configuration."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
-
-    def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-    def with_overrides(self, **sections: dict[str, Any]) -> Scenario:
-        """A copy with some fields replaced, re-validated (e.g. ``training={"objective": "irm"}``)."""
-        raw = self.model_dump(mode="json")
-        for section, values in sections.items():
-            if isinstance(raw.get(section), dict) and isinstance(values, dict):
-                raw[section].update(values)
-            else:
-                raw[section] = values
-        return Scenario.model_validate(raw)
-
-    def without_shortcuts(self) -> Scenario:
-        """The oracle's world: training sites whose confounders are independent of the label."""
-        raw = self.model_dump(mode="json")
-        for site in raw["data"]["sites"]:
-            if site["role"] == "train":
-                site["correlation"] = 0.5
-        return Scenario.model_validate(raw)
-
-
-def _format_validation_error(error: ValidationError, origin: str) -> str:
+def format_validation_error(error: ValidationError, origin: str) -> str:
     lines = [f"invalid scenario {origin}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -293,36 +176,44 @@ def _format_validation_error(error: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def parse_scenario(raw: dict[str, Any], *, origin: str = "<dict>") -> Scenario:
-    try:
-        return Scenario.model_validate(raw)
-    except ValidationError as error:
-        raise ScenarioError(_format_validation_error(error, origin)) from None
+SCENARIO_FOLDER = "scenarios"
 
 
-def load_scenario(source: str | Path | None = None) -> Scenario:
-    """Load a scenario from a TOML file, or a built-in one by name (``None`` = ``default``)."""
-    if source is None or (isinstance(source, str) and not source.endswith(".toml")):
-        name = source or "default"
-        try:
-            text = resources.files("simulations").joinpath(f"scenarios/{name}.toml").read_text()
-        except FileNotFoundError:
-            raise ScenarioError(
-                f"no built-in scenario named {name!r}; built-ins: {builtin_scenarios()}"
-            ) from None
-        origin = f"built-in '{name}'"
-    else:
+def read_scenario_source(source: str | Path | None = None) -> tuple[dict[str, Any], str]:
+    """The raw table of a scenario and where it came from: a file when ``source`` names one
+    that exists (whatever its suffix), else a built-in by name (``None``: ``default``)."""
+    if source is not None and Path(source).is_file():
         path = Path(source)
-        if not path.is_file():
-            raise ScenarioError(f"scenario file not found: {path}")
-        text, origin = path.read_text(), str(path)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ScenarioError(f"cannot read scenario file {path}: {error}") from None
+        origin = str(path)
+    else:
+        name = str(source) if source is not None else "default"
+        if name.endswith(".toml") or "/" in name:
+            raise ScenarioError(f"scenario file not found: {name}")
+        text = _builtin_text(name)
+        origin = f"built-in '{name}'"
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text), origin
     except tomllib.TOMLDecodeError as error:
         raise ScenarioError(f"scenario {origin} is not valid TOML: {error}") from None
-    return parse_scenario(raw, origin=origin)
+
+
+def _builtin_text(name: str) -> str:
+    try:
+        return resources.files("common").joinpath(f"{SCENARIO_FOLDER}/{name}.toml").read_text()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ScenarioError(f"no scenario file or built-in named {name!r}; built-ins: {builtin_scenarios()}") from None
 
 
 def builtin_scenarios() -> list[str]:
-    folder = resources.files("simulations").joinpath("scenarios")
+    folder = resources.files("common").joinpath(SCENARIO_FOLDER)
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def builtin_description(name: str) -> str:
+    """The one-line meaning a built-in scenario gives itself (its ``description``)."""
+    raw, _ = read_scenario_source(name)
+    return str(raw.get("description", ""))

@@ -3,12 +3,20 @@
 Images are float32 in [0, 1] with shape (n, 1, 28, 28); a tabular hospital (e.g. the UCI
 heart-disease sites) holds feature rows of shape (n, d) in the same field. Labels are int64
 in {0, 1}.
-``confounders`` keeps the hidden state of every simulated confounder per image, so tests
-and analyses can check the causal structure; a real hospital's file simply has none.
+
+``recorded`` holds what the hospital writes down per case (acquisition protocol,
+post-processing, patient sex: 0/1 states by confounder name); the backdoor-adjusted
+objectives use it as strata. ``confounders`` holds a simulation's hidden truth (every
+confounder's state and the lesion), for tests and analyses; a real hospital's file has none.
+
+The file a hospital provides (``docs/site-data.md``) is one ``.npz`` with, for each split
+``train``, ``val`` and ``test``: ``<split>_images``, ``<split>_labels`` and optionally
+``<split>_meta_<name>`` per recorded confounder; plus optional ``name`` and ``role``.
 """
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +24,19 @@ import numpy as np
 
 IMAGE_SHAPE = (1, 28, 28)
 SPLITS = ("train", "val", "test")
+META_PREFIX = "meta_"
+HIDDEN_PREFIX = "confounder_"
+
+
+class SiteDataError(ValueError):
+    """A hospital's data that cannot be used; the message names the file and the array."""
 
 
 @dataclass(frozen=True)
 class Split:
     images: np.ndarray
     labels: np.ndarray
+    recorded: dict[str, np.ndarray] = field(default_factory=dict)
     confounders: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -32,6 +47,9 @@ class Split:
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         if len(self.labels) and not np.isin(self.labels, (0, 1)).all():
             raise ValueError("labels must be binary (0/1)")
+        for name, states in self.recorded.items():
+            if len(states) != len(self.labels):
+                raise ValueError(f"recorded {name!r} has {len(states)} values for {len(self.labels)} cases")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -44,6 +62,7 @@ class Split:
         return Split(
             images=self.images[index],
             labels=self.labels[index],
+            recorded={k: v[index] for k, v in self.recorded.items()},
             confounders={k: v[index] for k, v in self.confounders.items()},
         )
 
@@ -68,31 +87,72 @@ class SiteData:
             split = self.split(split_name)
             arrays[f"{split_name}_images"] = split.images
             arrays[f"{split_name}_labels"] = split.labels
+            for key, value in split.recorded.items():
+                arrays[f"{split_name}_{META_PREFIX}{key}"] = value
             for key, value in split.confounders.items():
-                arrays[f"{split_name}_confounder_{key}"] = value
+                arrays[f"{split_name}_{HIDDEN_PREFIX}{key}"] = value
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> SiteData:
+        """Read and check a hospital's file; SiteDataError names the file and the array."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"site data file not found: {path}")
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz]
-            if missing:
-                raise ValueError(f"{path} is not a causalfed site file; missing arrays {missing}")
-            splits = {}
-            for split_name in SPLITS:
-                prefix = f"{split_name}_confounder_"
-                splits[split_name] = Split(
-                    images=npz[f"{split_name}_images"].astype(np.float32),
-                    labels=npz[f"{split_name}_labels"].astype(np.int64),
-                    confounders={k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)},
-                )
-            name = str(npz["name"]) if "name" in npz else path.stem
-            role = str(npz["role"]) if "role" in npz else "train"
-        return cls(name=name, role=role, **splits)
+            raise SiteDataError(f"site data file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise SiteDataError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+        return site_from_arrays(arrays, origin=str(path), default_name=path.stem)
+
+
+def _checked(arrays: dict[str, np.ndarray], key: str, origin: str) -> np.ndarray:
+    if key not in arrays:
+        raise SiteDataError(f"{origin}: array {key!r} is missing (see docs/site-data.md)")
+    return arrays[key]
+
+
+def _split_from_arrays(arrays: dict[str, np.ndarray], split: str, origin: str) -> Split:
+    images = _checked(arrays, f"{split}_images", origin)
+    labels = _checked(arrays, f"{split}_labels", origin)
+    where = f"{origin}: array '{split}_images'"
+    if not np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_:
+        raise SiteDataError(f"{where} has dtype {images.dtype}, expected numbers")
+    if not (images.ndim == 4 and images.shape[1:] == IMAGE_SHAPE) and images.ndim != 2:
+        raise SiteDataError(f"{where} has shape {images.shape}, expected (n, 1, 28, 28) images or (n, d) rows")
+    if not np.all(np.isfinite(images)):
+        raise SiteDataError(f"{where} holds {int((~np.isfinite(images)).sum())} NaN or infinite values")
+    if images.ndim == 4 and (images.min(initial=0.0) < 0.0 or images.max(initial=0.0) > 1.0):
+        raise SiteDataError(f"{where} has values outside [0, 1] ({images.min():.3g} to {images.max():.3g})")
+    where = f"{origin}: array '{split}_labels'"
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise SiteDataError(f"{where} has shape {labels.shape}, expected ({len(images)},) to match the images")
+    if not np.issubdtype(labels.dtype, np.number) or not np.isin(labels, (0, 1)).all():
+        raise SiteDataError(f"{where} must hold only 0 and 1, found {sorted(np.unique(labels).tolist())[:5]}")
+    recorded, hidden = {}, {}
+    for key, values in arrays.items():
+        for prefix, target in ((f"{split}_{META_PREFIX}", recorded), (f"{split}_{HIDDEN_PREFIX}", hidden)):
+            if key.startswith(prefix):
+                if values.shape != (len(labels),) or not np.isin(values, (0, 1)).all():
+                    raise SiteDataError(f"{origin}: array {key!r} must hold one 0/1 state per case ({len(labels)})")
+                target[key[len(prefix):]] = values.astype(np.int64)
+    return Split(images.astype(np.float32), labels.astype(np.int64), recorded, hidden)
+
+
+def site_from_arrays(arrays: dict[str, np.ndarray], *, origin: str, default_name: str) -> SiteData:
+    splits = {name: _split_from_arrays(arrays, name, origin) for name in SPLITS}
+    shapes = {s.input_shape for s in splits.values() if len(s)}
+    if len(shapes) > 1:
+        raise SiteDataError(f"{origin}: the splits' inputs differ in shape: {sorted(shapes)}")
+    if len(splits["train"]) < 2:
+        raise SiteDataError(f"{origin}: array 'train_labels' holds {len(splits['train'])} cases; a hospital needs 2 or more")
+    name = str(arrays["name"]) if "name" in arrays else default_name
+    role = str(arrays["role"]) if "role" in arrays else "train"
+    if role not in ("train", "heldout"):
+        raise SiteDataError(f"{origin}: array 'role' is {role!r}, expected 'train' or 'heldout'")
+    return SiteData(name=name, role=role, **splits)
 
 
 def split_indices(

@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.config import Scenario
+from common.config import TrainingConfig
 
 PROFILE_KEY = "profile"
 ARRAYS_KEY = "arrays"
@@ -55,6 +55,9 @@ class SiteProfile(_Record):
     # Label count only (no cases): lets the server tell every hospital the federation's
     # prevalence, against which each corrects for its own (prior-shift adjustment).
     num_positive: int = Field(0, alias="num-positive", ge=0)
+    # What one case looks like (an image, or a row of features): the server builds the
+    # federation's model for it.
+    input_shape: list[int] = Field(default_factory=list, alias="input-shape")
 
 
 class TrainInstructions(_Record):
@@ -76,8 +79,9 @@ class TrainInstructions(_Record):
     federation_prevalence: float = Field(0.5, alias="federation-prevalence", gt=0, lt=1)
 
     @classmethod
-    def for_scenario(cls, scenario: Scenario, *, server_round: int = 1) -> TrainInstructions:
-        training = scenario.training
+    def for_training(
+        cls, training: TrainingConfig, *, seed: int, num_rounds: int, server_round: int = 1
+    ) -> TrainInstructions:
         privacy = training.privacy
         dp = {} if privacy is None else {
             "dp-target-epsilon": privacy.target_epsilon,
@@ -92,8 +96,8 @@ class TrainInstructions(_Record):
             "local-epochs": training.local_epochs,
             "batch-size": training.batch_size,
             "weight-decay": training.weight_decay,
-            "seed": scenario.seed,
-            "num-rounds": scenario.federation.num_rounds,
+            "seed": seed,
+            "num-rounds": num_rounds,
             "prior-adjustment": training.prior_adjustment,
         })
 

@@ -13,18 +13,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log as flwr_log
 
-from client.task import scenario_model
-from common.config import Scenario, load_scenario
+from client.task import model_for
+from common.config import ScenarioError
 from common.feature_shift import FEATURE_MOMENTS_FILE, standardised_shift
 from common.files import atomic_write_text
 from common.protocol import PROFILE_KEY, SiteProfile, TrainInstructions, federation_prevalence
 from common.provenance.log import PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from server.audit import RoundAuditor, deliver_checkpoint
+from server.config import Scenario, load_scenario
+from server.guard import Guard
+from server.guard.reference import ReferenceSet
 from server.history import RunHistory
 from server.resume import STATE_FILE, ServerState, load_resume_point
-from server.guard import CausalGuard
-from server.guard_round import ValidationProbe
 from server.strategy import aggregation_options, strategy_class
+from server.training import ServerTrainer
 
 
 class FederationError(RuntimeError):
@@ -72,6 +74,36 @@ def node_identities(grid: Grid) -> dict[int, str]:
     return identities
 
 
+def federation_input_shape(profiles: dict[int, SiteProfile]) -> tuple[int, ...]:
+    """The input shape every training hospital reported (they must agree)."""
+    shapes = {tuple(p.input_shape) for p in profiles.values() if p.role == "train" and p.input_shape}
+    if len(shapes) != 1:
+        raise FederationError(f"training hospitals report different or no input shapes: {sorted(shapes)}")
+    return shapes.pop()
+
+
+def load_reference_set(scenario: Scenario, override: Path | None = None) -> ReferenceSet | None:
+    """The guard's reference set, if the scenario (or the run config) names one."""
+    guard = scenario.federation.guard
+    path = override or (guard.reference_set if guard is not None else None)
+    if path is None:
+        return None
+    return ReferenceSet.load(path, max_cases=guard.max_reference_cases if guard is not None else 200)
+
+
+def guard_plan(scenario: Scenario, reference: ReferenceSet | None) -> dict:
+    """What the run-start record says of the guard: on or off, data-free or on which cases."""
+    guard = scenario.federation.guard
+    if guard is None or not guard.enabled:
+        return {"enabled": False}
+    plan = {"enabled": True, "mode": "data-free" if reference is None else "reference set",
+            "config": guard.model_dump(mode="json")}
+    if reference is not None:
+        plan["reference_set"] = {"file": reference.path.name, "cases": len(reference.split),
+                                 "sha256": reference.sha256}
+    return plan
+
+
 def run_federation(
     grid: Grid,
     scenario: Scenario,
@@ -81,19 +113,24 @@ def run_federation(
     provenance: ProvenanceLog | None = None,
     state_path: Path | None = None,
     resume_from: ServerState | None = None,
-    probe: ValidationProbe | None = None,
     report_dir: Path | None = None,
+    reference: ReferenceSet | None = None,
 ) -> ArrayRecord:
     """Train the scenario's federation to the end; returns the final global model.
 
     ``state_path`` receives the server state after every round; ``resume_from`` continues
     a run from such a state (same scenario, same hospitals). With the scenario's guard on,
-    ``probe`` is the server's validation set and ``report_dir`` receives anomaly reports.
+    ``report_dir`` receives its per-round reports and ``reference`` is its reference set
+    (None: the guard runs data-free).
     """
     federation = scenario.federation
     nodes = wait_for_nodes(grid, expected=len(scenario.data.sites), timeout_s=federation.round_timeout_s)
     profiles = query_profiles(grid, nodes, timeout_s=federation.round_timeout_s)
     history.meta.setdefault("sites", {p.site: {"role": p.role, "num-train": p.num_train} for p in profiles.values()})
+    input_shape = federation_input_shape(profiles)
+    guard_config = federation.guard if federation.guard is not None and federation.guard.enabled else None
+    if guard_config is None and federation.aggregation != "fltrust":
+        reference = None
     auditor = RoundAuditor(provenance, profiles) if provenance is not None else None
     if auditor is not None:
         start = auditor.start_run(
@@ -101,13 +138,22 @@ def run_federation(
             fab_hash=grid.run.fab_hash,
             identities=node_identities(grid),
             resumed_after=resume_from.completed_round if resume_from else None,
+            guard=guard_plan(scenario, reference),
         )
         deliver_checkpoint(grid, nodes, start, timeout_s=federation.round_timeout_s)
-    guard_config = federation.guard
-    guard = CausalGuard(fdr=guard_config.fdr, seed=scenario.seed) if guard_config and guard_config.enabled else None
+    # Evaluation gets the training recipe too: hospitals report the objective's value on
+    # their validation split, which is what model selection minimises.
+    instructions = TrainInstructions.for_training(scenario.training, seed=scenario.seed,
+                                                  num_rounds=federation.num_rounds)
+    prevalence = federation_prevalence(list(profiles.values()))
+    instructions = instructions.model_copy(update={"federation_prevalence": prevalence})
     strategy = strategy_class(federation.aggregation)(
-        guard=guard,
-        probe=probe if guard is not None else None,
+        guard=Guard(guard_config, seed=scenario.seed) if guard_config is not None else None,
+        reference=reference,
+        trainer=ServerTrainer(instructions, input_shape) if reference is not None else None,
+        private=scenario.training.privacy is not None,
+        evaluate_every=federation.evaluate_every,
+        num_rounds=federation.num_rounds,
         report_dir=report_dir,
         **aggregation_options(federation.aggregation, assumed_malicious=federation.assumed_malicious),
         profiles=profiles,
@@ -122,18 +168,16 @@ def run_federation(
     done = resume_from.completed_round if resume_from else 0
     if done > federation.num_rounds:
         raise FederationError(f"the saved state is at round {done}, past the scenario's {federation.num_rounds}")
-    initial = resume_from.to_arrayrecord() if resume_from else ArrayRecord(scenario_model(scenario, seed=scenario.seed).state_dict())
-    # Evaluation gets the training recipe too: hospitals report the objective's value on
-    # their validation split, which is what model selection minimises.
-    instructions = TrainInstructions.for_scenario(scenario).to_record()
-    instructions["federation-prevalence"] = federation_prevalence(list(profiles.values()))
+    initial = resume_from.to_arrayrecord() if resume_from else ArrayRecord(
+        model_for(scenario.training.objective, input_shape=input_shape, seed=scenario.seed).state_dict())
+    record = instructions.to_record()
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=federation.num_rounds - done,
         timeout=federation.round_timeout_s,
-        train_config=instructions,
-        evaluate_config=ConfigRecord(dict(instructions)),
+        train_config=record,
+        evaluate_config=ConfigRecord(dict(record)),
     )
     moments_sha256 = None
     if model_path is not None:
@@ -185,7 +229,12 @@ def _deployed_scenario(run_config) -> Scenario:
 @app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
     config = context.run_config
-    scenario = _deployed_scenario(config)
+    try:
+        scenario = _deployed_scenario(config)
+        override = str(config.get("guard-reference", "") or "")
+        reference = load_reference_set(scenario, Path(override) if override else None)
+    except (ScenarioError, ValueError) as error:
+        raise FederationError(str(error)) from None
     run_dir = Path(str(config.get("run-dir", "runs/deployed")))
     resume_from, rounds = None, []
     if bool(config.get("resume", False)):
@@ -205,4 +254,6 @@ def _deployed_main(grid: Grid, context: Context) -> None:
         provenance=provenance,
         state_path=run_dir / STATE_FILE,
         resume_from=resume_from,
+        report_dir=run_dir,
+        reference=reference,
     )

@@ -25,7 +25,7 @@ from common.provenance.log import ProvenanceLog
 from common.provenance.records import Checkpoint
 
 CHECKPOINT_ACTION = f"{MessageType.QUERY}.checkpoint"
-SOURCE_PACKAGES = ("client", "common", "server", "simulations")
+SOURCE_PACKAGES = ("cli", "client", "common", "server", "simulations")
 
 
 def source_tree_sha256() -> str:
@@ -61,13 +61,15 @@ class RoundAuditor:
     verdicts: dict[str, str] = field(default_factory=dict)
     dp: dict[str, dict[str, float]] = field(default_factory=dict)
     aggregate: str | None = None
+    guard: dict[str, str] | None = None  # which detectors ran this round, on what (or why not)
     run_context: dict[str, str] = field(default_factory=dict)
 
     def _site(self, node: int) -> str:
         return self.profiles[node].site if node in self.profiles else f"node-{node}"
 
     def start_run(
-        self, *, config_sha256: str, fab_hash: str, identities: dict[int, str], resumed_after: int | None = None
+        self, *, config_sha256: str, fab_hash: str, identities: dict[int, str], resumed_after: int | None = None,
+        guard: dict | None = None,
     ) -> Checkpoint:
         """The run-start record, or ``run-resume`` when continuing after round ``resumed_after``."""
         # Node ids are 64-bit: as strings, since canonical JSON numbers stop at 2**53.
@@ -82,10 +84,12 @@ class RoundAuditor:
             "code_sha256": source_tree_sha256(),
             "fab_hash": fab_hash,
         }
+        body = {**self.run_context, "participants": participants}
+        if guard is not None:
+            body["guard"] = guard  # on or off, data-free or on which reference cases
         if resumed_after is not None:
-            body = {**self.run_context, "participants": participants, "resumed_after_round": resumed_after}
-            return self.log.append("run-resume", body)
-        return self.log.append("run-start", {**self.run_context, "participants": participants})
+            return self.log.append("run-resume", body | {"resumed_after_round": resumed_after})
+        return self.log.append("run-start", body)
 
     def note_updates(self, replies: list[Message]) -> None:
         for reply in replies:
@@ -104,6 +108,9 @@ class RoundAuditor:
     def note_verdict(self, site: str, verdict: str) -> None:
         self.verdicts[site] = verdict
 
+    def note_guard(self, detectors: dict[str, str]) -> None:
+        self.guard = dict(detectors)
+
     def note_aggregate(self, arrays: ArrayRecord | None) -> None:
         self.aggregate = arrays.object_id if arrays is not None else None
 
@@ -120,7 +127,9 @@ class RoundAuditor:
             "metrics": metrics,
             "dp": {site: self.dp.get(site) for site in sorted(verdicts)},
         }
-        self.updates, self.verdicts, self.dp, self.aggregate = {}, {}, {}, None
+        if self.guard is not None:
+            body["guard"] = self.guard
+        self.updates, self.verdicts, self.dp, self.aggregate, self.guard = {}, {}, {}, None, None
         return self.log.append("round", body)
 
     def end_run(self, *, rounds: int, final_arrays: ArrayRecord, feature_moments_sha256: str | None = None) -> Checkpoint:

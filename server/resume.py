@@ -34,9 +34,9 @@ class ServerState:
     # The statistics the next round broadcasts (mean risk, prevalence, prototypes...):
     # without them a resumed round would train on another objective than the original.
     federation_statistics: dict[str, np.ndarray] = field(default_factory=dict)
-    # The guard's memory of every client (forecasts, recent flags and p-values): without it
-    # a resumed run would forget who was suspect and forgive a quarantined attacker.
-    guard_memories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The guard's memory (each client's last accepted update, its direction scores, last
+    # round's updates): without it a resumed run would judge as if it had just started.
+    guard_memory: dict[str, Any] = field(default_factory=dict)
 
     def to_arrayrecord(self) -> ArrayRecord:
         return ArrayRecord({name: Array(value) for name, value in self.arrays.items()})
@@ -49,7 +49,7 @@ class ServerState:
         meta = {"completed_round": self.completed_round, "retired_sites": self.retired_sites,
                 "sampler_state": self.sampler_state,
                 "federation_statistics": {k: np.asarray(v).tolist() for k, v in self.federation_statistics.items()},
-                "guard_memories": self.guard_memories}
+                "guard_memory": self.guard_memory}
         buffer = io.BytesIO()
         np.savez(buffer, **self.arrays, **{META_KEY: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)})
         atomic_write_bytes(path, buffer.getvalue())
@@ -63,7 +63,7 @@ class ServerState:
             arrays = {name: saved[name] for name in saved.files if name != META_KEY}
         statistics = {k: np.asarray(v, dtype=np.float64) for k, v in meta.get("federation_statistics", {}).items()}
         return cls(meta["completed_round"], arrays, meta["retired_sites"], _as_tuples(meta["sampler_state"]), statistics,
-                   meta.get("guard_memories", {}))
+                   meta.get("guard_memory", {}))
 
 
 def _as_tuples(value: Any) -> Any:

@@ -9,19 +9,17 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as strategies
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from pathlib import Path
-
+from common.feature_shift import FeatureMoments, pool_moments
 from common.protocol import (
-    ARRAYS_KEY,
     BUDGET_SPENT_METRIC,
     CONFIG_KEY,
     FEATURE_MOMENTS_KEY,
@@ -31,21 +29,16 @@ from common.protocol import (
     STATISTICS_KEY,
     SiteProfile,
 )
-from common.feature_shift import FeatureMoments, pool_moments
 from server.audit import RoundAuditor, deliver_checkpoint
+from server.guard import Guard, RoundJudgement
+from server.guard.evidence import GuardMemory
+from server.guard.reference import ReferenceSet, direction_evidence
+from server.guard.round import apply_judgement, measure_replies, write_round_report
 from server.history import RunHistory
 from server.resume import ServerState
-from server.guard import CausalGuard, Verdict
-from server.guard_evidence import ClientMemory
-from server.guard_round import (
-    ValidationProbe,
-    as_record,
-    bounded_update,
-    flatten,
-    guard_replies,
-    write_anomaly_report,
-)
+from server.robust import FLAME, FLTrust
 from server.screening import model_spec, restore_dtypes, update_problem
+from server.training import ServerTrainer
 
 
 class CausalFedAvg(FedAvg):
@@ -60,8 +53,12 @@ class CausalFedAvg(FedAvg):
         timeout_s: float = 600.0,
         state_path: Path | None = None,
         resume_from: ServerState | None = None,
-        guard: CausalGuard | None = None,
-        probe: ValidationProbe | None = None,
+        guard: Guard | None = None,
+        reference: ReferenceSet | None = None,
+        trainer: ServerTrainer | None = None,
+        private: bool = False,
+        evaluate_every: int = 1,
+        num_rounds: int | None = None,
         report_dir: Path | None = None,
         **strategy_options,
     ) -> None:
@@ -73,7 +70,10 @@ class CausalFedAvg(FedAvg):
             min_available_nodes=len(profiles),
             **strategy_options,  # e.g. Krum's num_malicious_nodes when a baseline mixes in
         )
-        self.guard, self.probe, self.report_dir = guard, probe, report_dir
+        self.guard, self.reference, self.trainer, self.report_dir = guard, reference, trainer, report_dir
+        self.private = private  # hospitals train with DP-SGD
+        self.evaluate_every, self.num_rounds = evaluate_every, num_rounds
+        self.seed = seed
         self.federation_stats: dict[str, np.ndarray] = {}  # broadcast to every hospital next round
         self.profiles = profiles
         self.train_nodes = sorted(train_nodes)
@@ -103,7 +103,7 @@ class CausalFedAvg(FedAvg):
             self._sampler.setstate(state.sampler_state)
         self.federation_stats = dict(state.federation_statistics)
         if self.guard is not None:
-            self.guard.memories = {c: ClientMemory.from_dict(m) for c, m in state.guard_memories.items()}
+            self.guard.memory = GuardMemory.from_dict(state.guard_memory)
 
     def _save_state(self, server_round: int) -> None:
         if self.state_path is None or self._evaluated is None:
@@ -111,9 +111,9 @@ class CausalFedAvg(FedAvg):
         training = {self.profiles[n].site for n in self.train_nodes}
         retired = sorted(p.site for p in self.profiles.values() if p.role == "train" and p.site not in training)
         arrays = ServerState.numpy_arrays(self._evaluated)
-        memories = {} if self.guard is None else {c: m.as_dict() for c, m in self.guard.memories.items()}
+        memory = {} if self.guard is None else self.guard.memory.as_dict()
         ServerState(server_round, arrays, retired, self._sampler.getstate(), self.federation_stats,
-                    memories).save(self.state_path)
+                    memory).save(self.state_path)
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -137,6 +137,9 @@ class CausalFedAvg(FedAvg):
     ) -> Iterable[Message]:
         server_round += self.round_offset
         self._evaluated = arrays
+        last = self.num_rounds is not None and server_round >= self.num_rounds
+        if server_round % self.evaluate_every and not last:
+            return []  # not an evaluation round: the round still closes in aggregate_evaluate
         config["server-round"] = server_round
         self._broadcast_statistics(config)
         return self._messages(arrays, config, sorted(self.profiles), MessageType.EVALUATE)
@@ -195,38 +198,48 @@ class CausalFedAvg(FedAvg):
         return kept
 
     def _apply_guard(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """Judge every update; drop the flagged ones, down-weight the borderline ones."""
+        """Judge every update; drop the excluded ones, shorten the ones beyond the round's bound."""
         sites = [self._site(r) for r in replies]
-        verdicts, graph = guard_replies(self.guard, replies, self._sent, sites, self.probe, server_round=server_round)
-        if self.report_dir is not None:
-            write_anomaly_report(self.report_dir, server_round, verdicts, graph)
-        kept = []
-        start = flatten(self._sent, list(self._sent))  # once per round, for every bound below
-        typical_norm = float(np.median(graph["update_norms"]))
-        for reply, verdict in zip(replies, verdicts):
-            summary = {"guard-flagged": float(verdict.flagged), "guard-confidence": 1 - verdict.combined_p}
-            self.history.record(server_round, verdict.client, summary)
-            if verdict.flagged:
-                log(WARNING, "round %d: guard excludes %s: %s", server_round, verdict.client, "; ".join(verdict.reasons))
-                if self.auditor is not None:
-                    self.auditor.note_verdict(verdict.client, "rejected: guard: " + "; ".join(verdict.reasons))
-                continue
-            if verdict.weight < 1.0:
-                self._down_weight(reply, verdict, start, max_norm=typical_norm)
-            kept.append(reply)
-        return kept
+        sketches, samples, norms, steps = measure_replies(self.guard, replies, self._sent)
+        direction, basis = None, ""
+        if self.reference is not None and self.trainer is not None:
+            cases = int(np.median([int(r.content.metric_records[METRICS_KEY]["num-examples"]) for r in replies]))
+            rng = np.random.default_rng([self.seed, server_round, 7])
 
-    def _down_weight(self, reply: Message, verdict: Verdict, start: np.ndarray, *, max_norm: float) -> None:
-        """A borderline update counts for ``verdict.weight`` of its examples, and its size is
-        bounded by the round's typical update: a boosted (model-replacement) update at half
-        weight would still dominate the aggregate."""
-        metrics = reply.content.metric_records[METRICS_KEY]
-        metrics["num-examples"] = max(1, round(int(metrics["num-examples"]) * verdict.weight))
-        vector = flatten(reply.content.array_records[ARRAYS_KEY], list(self._sent))
-        bounded = bounded_update(vector, start, max_norm=max_norm)
-        reply.content.array_records[ARRAYS_KEY] = as_record(bounded, self._sent)
+            def train(split, seed):
+                return self.guard.sketch(self.trainer.update(self._sent, split, seed=seed, server_round=server_round))
+
+            direction = direction_evidence(sketches, train, self.reference.split, cases=max(cases, 2),
+                                           trainings=self.guard.config.reference_trainings, rng=rng)
+            basis = (f"{len(self.reference.split)} reference cases ({self.reference.path.name}, "
+                     f"sha256 {self.reference.sha256[:12]})")
+        judgement = self.guard.judge(server_round, sites, sketches, samples, norms, steps, direction=direction,
+                                     private=self.private, direction_basis=basis)
+        if self.report_dir is not None:
+            write_round_report(self.report_dir, judgement)
+        self._record_judgement(server_round, judgement)
+        return apply_judgement(judgement, replies, self._sent)
+
+    def _record_judgement(self, server_round: int, judgement: RoundJudgement) -> None:
+        for verdict in judgement.verdicts:
+            self.history.record(server_round, verdict.client, {"guard-excluded": float(verdict.excluded),
+                                                               "guard-clip": verdict.clip_scale})
+            if verdict.excluded:
+                log(WARNING, "round %d: guard excludes %s: %s", server_round, verdict.client, "; ".join(verdict.reasons))
+            if self.auditor is None:
+                continue
+            if verdict.excluded:
+                self.auditor.note_verdict(verdict.client, "excluded by the guard: " + "; ".join(verdict.reasons))
+            elif verdict.clip_scale < 1.0:
+                self.auditor.note_verdict(verdict.client, f"accepted, shortened to {verdict.clip_scale:.3g} of its length")
         if self.auditor is not None:
-            self.auditor.note_verdict(verdict.client, f"down-weighted x{verdict.weight:g}, norm at most the round's median")
+            self.auditor.note_guard(judgement.detectors)
+
+    def root_update(self) -> np.ndarray:
+        """FLTrust's server update: one local round on the whole reference (root) set."""
+        if self.reference is None or self.trainer is None:
+            raise ValueError("FLTrust needs a reference (root) set: set federation.guard.reference_set")
+        return self.trainer.update(self._sent, self.reference.split, seed=self.seed, server_round=1)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -238,7 +251,7 @@ class CausalFedAvg(FedAvg):
         replies = self._screen(server_round, replies)
         self._record_replies(server_round, replies)
         usable = [r for r in replies if not r.has_error()]
-        if self.guard is not None and len(usable) >= 3:
+        if self.guard is not None and len(usable) >= self.guard.config.min_clients:
             usable = self._apply_guard(server_round, usable)
         if usable:
             self.federation_stats = average_statistics(usable)
@@ -261,7 +274,7 @@ class CausalFedAvg(FedAvg):
             if self._grid is not None:
                 deliver_checkpoint(self._grid, sorted(self.profiles), checkpoint, timeout_s=self.timeout_s)
         self._save_state(server_round)  # last: the state only names rounds that are fully recorded
-        return super().aggregate_evaluate(server_round, replies)
+        return super().aggregate_evaluate(server_round, replies) if replies else None
 
     def _pool_feature_moments(self, replies: list[Message]) -> None:
         """Pool the moments of hospitals whose update this round's aggregate accepted (a
@@ -305,7 +318,7 @@ def average_statistics(replies: list[Message]) -> dict[str, np.ndarray]:
     return {key: np.where(weights[key] > 0, sums[key] / np.maximum(weights[key], 1e-12), np.nan) for key in sums}
 
 
-# Flower's robust rules as baselines: the same hospital handling, a different aggregate.
+# Robust rules as baselines: the same hospital handling, a different aggregate.
 ROBUST_RULES = {
     "fedavg": None,
     "krum": strategies.Krum,
@@ -313,6 +326,8 @@ ROBUST_RULES = {
     "bulyan": strategies.Bulyan,
     "median": strategies.FedMedian,
     "trimmed-mean": strategies.FedTrimmedAvg,
+    "fltrust": FLTrust,
+    "flame": FLAME,
 }
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig, Scenario, ScenarioError
-from common.data import SiteData, Split, split_indices
+from common.config import DataConfig, ScenarioError
+from server.config import Scenario
+from common.data import IMAGE_SHAPE, SiteData, Split, split_indices
 from simulations.scm import acquire, confounder_states, make_site, site_seed
 
 
@@ -74,26 +75,40 @@ def medmnist_site(data: DataConfig, site_index: int, *, seed: int) -> SiteData:
     rng = np.random.default_rng(site_seed(seed, site_index))
     site_labels = labels[index]
     states = {
-        name: confounder_states(site_labels, correlation=site.correlation, rng=rng)
+        name: confounder_states(site_labels, correlation=site.correlation_of(name), rng=rng)
         for name in data.confounders
         if name != "sex"  # a real image's anatomy is what it is
     }
     acquired = acquire(images[index], acquisition=site.acquisition, states=states, rng=rng)
-    full = Split(images=acquired[:, None], labels=site_labels, confounders=states)
+    recorded = {name: states[name] for name in site.records(data.confounders) if name in states}
+    full = Split(images=acquired[:, None], labels=site_labels, recorded=recorded, confounders=states)
     parts = split_indices(len(index), val_fraction=data.val_fraction, test_fraction=data.test_fraction, rng=rng)
     return SiteData(name=site.name, role=site.role, **{k: full.subset(v) for k, v in parts.items()})
 
 
-def server_validation_split(scenario: Scenario) -> Split | None:
-    """The coordinator's small clean validation set: cases like the training hospitals'
-    but with no shortcut (correlation 0.5), drawn from the scenario's own world."""
-    guard = scenario.federation.guard
-    if guard is None or guard.validation_cases == 0 or scenario.data.source == "heart_disease":
-        return None
+def input_shape(data: DataConfig) -> tuple[int, ...]:
+    """What one case of this data looks like to the model: an image, or a row of features."""
+    if data.source == "heart_disease":
+        from simulations.heart_disease import feature_names
+
+        return (len(feature_names(data.missing)),)
+    return IMAGE_SHAPE
+
+
+def write_reference_set(scenario: Scenario, path: Path, *, cases: int = 200) -> Path:
+    """A public-like labelled set for the server guard: ``cases`` cases of the scenario's
+    world with no shortcut (correlation 0.5), taken with a scanner no hospital has (default
+    acquisition), half of them positive. Written as the .npz the guard reads."""
     raw = scenario.model_dump(mode="json")
+    raw.pop("attack", None)
     template = dict(next(s for s in raw["data"]["sites"] if s["role"] == "train"))
-    n = max(40, round(guard.validation_cases / (1 - raw["data"]["val_fraction"] - raw["data"]["test_fraction"])))
-    template |= {"name": "server-validation", "correlation": 0.5, "n_samples": n}
+    n = max(40, round(cases / (1 - raw["data"]["val_fraction"] - raw["data"]["test_fraction"])) + 1)
+    template |= {"name": "reference-set", "correlation": 0.5, "correlations": {}, "n_samples": n,
+                 "prevalence": 0.5, "acquisition": {}, "recorded": None}
     raw["data"]["sites"].append(template)
-    world = Scenario.model_validate(raw | {"attack": None})
-    return build_site(world, len(raw["data"]["sites"]) - 1).train
+    world = Scenario.model_validate(raw)
+    train = build_site(world, len(raw["data"]["sites"]) - 1).train
+    chosen = train.subset(np.arange(min(cases, len(train))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, images=chosen.images, labels=chosen.labels)
+    return path

@@ -8,7 +8,7 @@ A ClientApp that raises yields an error reply, as a real SuperNode's would.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -19,11 +19,17 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 CLIENT_APP_ERROR = 2  # flwr's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+# Whether hospital ``partition`` answers a message of this type in this round (simulated
+# late joiners and dropouts); None: always.
+Availability = Callable[[int, str, int], bool]
 
 
 class LocalGrid(Grid):
-    def __init__(self, client_app: ClientApp, *, num_nodes: int, run_id: int = 1) -> None:
+    def __init__(
+        self, client_app: ClientApp, *, num_nodes: int, run_id: int = 1, availability: Availability | None = None
+    ) -> None:
         self._client_app = client_app
+        self._availability = availability
         self._run = Run.create_empty(run_id)
         # Messages stamp their sender from this process-wide identity; Flower's own
         # simulation sets it the same way before starting a ServerApp.
@@ -58,6 +64,12 @@ class LocalGrid(Grid):
 
     def _deliver(self, message: Message) -> Message:
         context = self._contexts[message.metadata.dst_node_id]
+        if self._availability is not None:
+            from simulations.attacks import round_of
+
+            partition = int(context.node_config["partition-id"])
+            if not self._availability(partition, message.metadata.message_type, round_of(message)):
+                return Message(Error(code=CLIENT_APP_ERROR, reason="hospital unavailable this round"), reply_to=message)
         try:
             return self._client_app(message, context)
         except Exception as error:  # noqa: BLE001 - a failing client must not stop the server

@@ -14,19 +14,23 @@ import numpy as np
 import torch
 
 from client.objectives import build_objective
-from client.task import evaluate, scenario_model, train_locally
-from common.config import Scenario
+from client.task import evaluate, model_for, train_locally
+from simulations.scenario import SimulationScenario as Scenario
 from common.data import Split
 from common.protocol import EVAL_SPLITS, eval_metric_key
 from simulations.datasets import build_site
 
 
 def pool(splits: list[Split]) -> Split:
-    keys = set.intersection(*(set(s.confounders) for s in splits)) if splits else set()
+    def common(field: str) -> dict[str, np.ndarray]:
+        keys = set.intersection(*(set(getattr(s, field)) for s in splits)) if splits else set()
+        return {k: np.concatenate([getattr(s, field)[k] for s in splits]) for k in sorted(keys)}
+
     return Split(
         images=np.concatenate([s.images for s in splits]),
         labels=np.concatenate([s.labels for s in splits]),
-        confounders={k: np.concatenate([s.confounders[k] for s in splits]) for k in keys},
+        recorded=common("recorded"),
+        confounders=common("confounders"),
     )
 
 
@@ -37,7 +41,7 @@ def run_pooled(scenario: Scenario, *, model_path: Path | None = None) -> dict:
     sites = [build_site(scenario, i) for i in range(len(scenario.data.sites))]
     pooled = pool([s.train for s in sites if s.role == "train"])
     training = scenario.training
-    model = scenario_model(scenario, seed=scenario.seed)
+    model = model_for(scenario.training.objective, input_shape=pooled.input_shape, seed=scenario.seed)
     rounds = []
     for server_round in range(1, scenario.federation.num_rounds + 1):
         objective = build_objective(training.objective, training.objective_params, server_round=server_round)

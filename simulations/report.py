@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.config import Scenario  # noqa: E402
+from simulations.scenario import SimulationScenario as Scenario# noqa: E402
 from simulations.datasets import build_site  # noqa: E402
 from simulations.selection import select_round, summarise_run  # noqa: E402
 

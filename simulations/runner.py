@@ -16,19 +16,16 @@ from flwr.app import Context, RecordDict
 
 from client.app import build_client_app
 from client.objectives import build_objective
-from client.sites import ScenarioSites
-from common.config import Scenario
+from common.files import atomic_write_text
 from common.provenance.log import HOSPITALS_DIR, PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from common.provenance.records import public_pem
-from server.app import build_server_app
-from common.files import atomic_write_text
+from server.app import build_server_app, load_reference_set
 from server.history import RunHistory, load_history
 from server.resume import STATE_FILE, ResumeError, ServerState, load_resume_point
-from client.task import hospital_recipe, scenario_model
-from server.guard_round import ValidationProbe
 from simulations.attacks import ATTACKS, Attack, AttackingGrid, PoisonedSites
-from simulations.datasets import server_validation_split
 from simulations.local_grid import LocalGrid
+from simulations.scenario import SimulationScenario as Scenario
+from simulations.sites import ScenarioSites
 
 RoundCallback = Callable[[int, dict], None]
 KEYS_DIR = ".keys"
@@ -112,10 +109,11 @@ def run_scenario(
         provenance=provenance,
         state_path=run_dir / STATE_FILE if run_dir else None,
         resume_from=state,
-        probe=_validation_probe(scenario),
         report_dir=run_dir,
+        reference=load_reference_set(scenario),
     )
-    sites = ScenarioSites(scenario.canonical_json())
+    scenario_sites = ScenarioSites(scenario.canonical_json())
+    sites = scenario_sites
     attack = _attack(scenario, sites)
     if attack is not None:
         sites = attack[1]
@@ -130,11 +128,14 @@ def run_scenario(
     with flower_logs_to(run_dir / "flower.log" if run_dir else None):
         if engine == "inprocess":
             client_app = build_client_app(sites, **client_options)
+            options = {"num_nodes": len(scenario.data.sites)}
+            if scenario.behaviour:
+                options["availability"] = scenario_sites.available
             if attack is not None:
-                grid = AttackingGrid(client_app, num_nodes=len(scenario.data.sites), attack=attack[0],
-                                     malicious=set(sites.malicious), seed=scenario.seed)
+                grid = AttackingGrid(client_app, attack=attack[0], malicious=set(sites.malicious), seed=scenario.seed,
+                                     start_round=scenario.attack.start_round, **options)
             else:
-                grid = LocalGrid(client_app, num_nodes=len(scenario.data.sites))
+                grid = LocalGrid(client_app, **options)
             server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
         else:
             client_app = build_client_app(sites, torch_threads=1, **client_options)
@@ -149,20 +150,13 @@ def run_scenario(
     return history.as_dict()
 
 
-def _validation_probe(scenario: Scenario) -> ValidationProbe | None:
-    split = server_validation_split(scenario)
-    if split is None:
-        return None
-    return ValidationProbe(split, lambda: scenario_model(scenario), recipe=hospital_recipe(scenario))
-
-
 def _attack(scenario: Scenario, sites: ScenarioSites) -> tuple[Attack, PoisonedSites] | None:
     if scenario.attack is None:
         return None
     attack = ATTACKS[scenario.attack.name]()
     names = [s.name for s in scenario.data.sites]
-    malicious = frozenset(names.index(name) for name in scenario.attack.malicious)
-    return attack, PoisonedSites(sites, attack, malicious, seed=scenario.seed)
+    malicious = tuple(names.index(name) for name in scenario.attack.malicious)
+    return attack, PoisonedSites(sites, attack, malicious, seed=scenario.seed, start_round=scenario.attack.start_round)
 
 
 def _saved_run(run_dir: Path | None, scenario: Scenario) -> tuple[ServerState, dict]:

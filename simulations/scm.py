@@ -128,7 +128,7 @@ def simulate_cases(
     label_flip = rng.random(n) < noise
     labels = np.where(label_flip, 1 - lesion, lesion)
     states = {
-        name: confounder_states(labels, correlation=site.correlation, rng=rng)
+        name: confounder_states(labels, correlation=site.correlation_of(name), rng=rng)
         for name in config.confounders
     }
     female = states["sex"] if "sex" in states else rng.integers(0, 2, n)
@@ -150,7 +150,8 @@ def make_site(config: DataConfig, site_index: int, *, seed: int) -> SiteData:
     site = config.sites[site_index]
     rng = np.random.default_rng(site_seed(seed, site_index))
     images, labels, states = simulate_cases(n=site.n_samples, site=site, config=config, rng=rng)
-    full = Split(images=images[:, None], labels=labels, confounders=states)
+    recorded = {name: states[name] for name in site.records(config.confounders)}
+    full = Split(images=images[:, None], labels=labels, recorded=recorded, confounders=states)
     parts = split_indices(
         site.n_samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction, rng=rng
     )

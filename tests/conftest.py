@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from common.config import Scenario, load_scenario
+from simulations.scenario import SimulationScenario as Scenario, load_scenario
 
 REPO = Path(__file__).resolve().parents[1]
 

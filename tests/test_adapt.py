@@ -41,7 +41,7 @@ def test_adaptation_keeps_the_head_and_moves_the_features(small_scenario):
 def test_cli_adapts_and_explains_bad_input(small_scenario, tmp_path):
     from typer.testing import CliRunner
 
-    from common.cli import cli
+    from cli.main import cli
     from simulations.datasets import build_site
     from simulations.runner import run_scenario
 

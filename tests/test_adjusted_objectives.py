@@ -19,7 +19,8 @@ from client.models import (
 )
 from client.objectives import build_objective
 from client.task import evaluate, split_strata, train_locally
-from common.config import ScenarioError, load_scenario, parse_scenario
+from common.config import ScenarioError
+from simulations.scenario import load_scenario, parse_scenario
 from common.protocol import ARRAYS_KEY
 from simulations.scm import make_site
 from simulations.selection import best_scored_round, leave_one_site_out, loso_scores, summarise_run
@@ -136,10 +137,6 @@ def test_objectives_that_cannot_run_on_the_data_are_refused():
     raw = load_scenario("confounded").model_dump(mode="json")
     raw["training"] |= {"objective": "backdoor-style", "privacy": {"target_epsilon": 3.0}}
     with pytest.raises(ScenarioError, match="Opacus"):
-        parse_scenario(raw)
-    raw = load_scenario("confounded").model_dump(mode="json")
-    raw["data"]["confounders"] = []
-    with pytest.raises(ScenarioError, match="needs recorded strata"):
         parse_scenario(raw)
 
 

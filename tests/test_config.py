@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ScenarioError, builtin_scenarios, load_scenario, parse_scenario
+from common.config import ScenarioError, builtin_scenarios
+from simulations.scenario import load_scenario, parse_scenario
 
 
 def _raw(**changes):
@@ -74,7 +75,7 @@ def test_file_errors(tmp_path: Path):
     broken.write_text("name = \n")
     with pytest.raises(ScenarioError, match="not valid TOML"):
         load_scenario(broken)
-    with pytest.raises(ScenarioError, match="no built-in scenario named 'nope'"):
+    with pytest.raises(ScenarioError, match="no scenario file or built-in named 'nope'"):
         load_scenario("nope")
 
 

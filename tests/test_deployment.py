@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ec import ECDSA
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from common.certs import CertificateError, generate_deployment_keys
-from common.config import load_scenario
+from simulations.scenario import load_scenario
 from common.provenance.verify import verify_log
 from simulations.datasets import build_site
-from simulations.loopback import LoopbackDeployment
+from loopback import LoopbackDeployment
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIO = REPO / "tests" / "fixtures" / "loopback.toml"

@@ -71,7 +71,7 @@ def test_the_shifted_mechanism_gets_the_largest_share(controlled, truth, case):
 def test_cli_explains_a_run_and_refuses_unknown_hospitals(small_scenario, tmp_path):
     from typer.testing import CliRunner
 
-    from common.cli import cli
+    from cli.main import cli
     from simulations.runner import run_scenario
 
     run_scenario(small_scenario, run_dir=tmp_path)

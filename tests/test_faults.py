@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, Message, MetricRecord
 
 from client.app import build_client_app
-from client.sites import ScenarioSites
+from simulations.sites import ScenarioSites
 from common.feature_shift import FEATURE_MOMENTS_FILE
 from common.protocol import ARRAYS_KEY, METRICS_KEY
 from common.provenance.verify import verify_log
@@ -232,7 +232,7 @@ def test_privacy_spent_before_a_crash_is_not_forgotten(small_scenario, tmp_path)
 def test_cli_resumes_a_crashed_run_and_explains_bad_folders(small_scenario, tmp_path):
     from typer.testing import CliRunner
 
-    from common.cli import cli
+    from cli.main import cli
 
     run_dir = tmp_path / "run"
     with pytest.raises(Crash):

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from client.app import build_client_app
-from client.sites import ScenarioSites
+from simulations.sites import ScenarioSites
 from client.task import new_model
 from common.protocol import ProtocolError, TrainInstructions
 from simulations.local_grid import LocalGrid
@@ -56,7 +56,7 @@ def test_failing_hospital_does_not_stop_the_round(small_scenario):
     sites = ScenarioSites(small_scenario.canonical_json())
     calls = {"n": 0}
 
-    def flaky(context):
+    def flaky(context, server_round=None):
         site = sites(context)
         if site.name == "hospital-B" and calls["n"] > 5:
             raise RuntimeError("disk unplugged")
@@ -111,7 +111,7 @@ def test_selection_never_uses_the_heldout_site():
 def test_simulate_command_with_flower_simulation_engine(tmp_path):
     """The README's user command, shortened: Ray engine, 2 rounds, report written."""
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--out", str(tmp_path)],
+        [sys.executable, "-m", "cli", "simulate", "--rounds", "2", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -124,7 +124,7 @@ def test_simulate_command_with_flower_simulation_engine(tmp_path):
     assert (run_dir / "feature-moments.json").is_file() and "shift from the pool" in report
     assert "o.o.d." in result.stdout
     assert "provenance log: 4 records, verified" in result.stdout
-    verify = [sys.executable, "-m", "common.cli", "log", "verify", str(run_dir)]
+    verify = [sys.executable, "-m", "cli", "log", "verify", str(run_dir)]
     assert subprocess.run(verify, cwd=REPO, capture_output=True, timeout=120).returncode == 0
     log_file = run_dir / "provenance" / "log.jsonl"
     log_file.write_text(log_file.read_text().replace('"round":1', '"round":7', 1))
@@ -136,7 +136,7 @@ def test_simulate_reports_bad_config_plainly(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\n[data]\nsites = []\n')
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "simulate", "--config", str(bad), "--out", str(tmp_path)],
+        [sys.executable, "-m", "cli", "simulate", "--config", str(bad), "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

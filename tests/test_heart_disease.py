@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from client.priors import prior_shift_offset
-from common.config import ScenarioError, load_scenario, parse_scenario
+from common.config import ScenarioError
+from simulations.scenario import load_scenario, parse_scenario
 from simulations.datasets import build_site
 from simulations.heart_disease import feature_names, read_hospital
 from simulations.runner import run_scenario

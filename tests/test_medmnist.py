@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import ScenarioError, load_scenario
+from common.config import ScenarioError
+from simulations.scenario import load_scenario
 from simulations.datasets import build_site, load_medmnist_binary
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from client.objectives import OBJECTIVES, build_objective, irm_penalty, validate_objective
 from client.task import new_model, split_strata, train_locally
-from common.config import load_scenario
+from simulations.scenario import load_scenario
 from simulations.scm import make_site
 
 

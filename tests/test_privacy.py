@@ -16,7 +16,8 @@ from client.privacy import (
     train_privately,
 )
 from client.task import new_model
-from common.config import ScenarioError, parse_scenario
+from common.config import ScenarioError
+from simulations.scenario import parse_scenario
 from simulations.datasets import build_site
 from simulations.runner import run_scenario
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import load_scenario
+from simulations.scenario import load_scenario
 from simulations.scm import TAG_PATTERN, make_site, simulate_cases
 
 

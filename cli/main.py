@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.config import ScenarioError, builtin_scenarios, load_scenario
+from common.config import ScenarioError, builtin_scenarios
+from simulations.scenario import load_scenario
 from common.feature_shift import SMALL_EFFECT
 from common.provenance.log import HOSPITALS_DIR, PROVENANCE_DIR
 
@@ -147,7 +148,7 @@ def explain(
     from common.files import atomic_write_text
     from server.explain import MECHANISMS, explain_drop
     from server.resume import ResumeError
-    from simulations.datasets import build_site
+    from simulations.datasets import build_site, input_shape
     from simulations.runner import load_run_scenario
 
     try:
@@ -161,7 +162,7 @@ def explain(
     if site not in names:
         console.print(f"[red]error:[/red] no hospital {site!r} in this run; hospitals: {names}")
         raise typer.Exit(2)
-    model = model_for_state(torch.load(run_dir / "model.pt"), input_shape=scenario.data.input_shape)
+    model = model_for_state(torch.load(run_dir / "model.pt"), input_shape=input_shape(scenario.data))
     hospitals = [build_site(scenario, i) for i in range(len(names))]
     sources = [(h.test.images, h.test.labels) for h in hospitals if h.role == "train" and h.name != site]
     target = next(h for h in hospitals if h.name == site)
