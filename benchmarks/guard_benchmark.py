@@ -1,237 +1,417 @@
-"""Benchmark: the server guard against Flower's robust aggregation rules, under attack.
+"""Benchmark: the server guard, tuned on declared cases, then run once on held-out cases.
 
-Ten non-IID hospitals (`guard` scenario, 8 rounds, in-process engine). Every registered
-attack runs at 10%, 20% and 30% malicious hospitals. A colluding pair needs two attackers,
-so its 10% row uses 2. Every rule runs under every attack:
-causalfed's guard (FedAvg behind the causal dependency graph), FedAvg, Krum, MultiKrum,
-Bulyan, FedMedian and FedTrimmedAvg, each with the same hospitals and recipe.
+Worlds: federations of 5, 10, 20 or 50 simulated hospitals drawn from a seed (scanners,
+prevalence and shortcut strength differ by hospital), 20 rounds, in-process engine.
 
-Reported per run:
-- TPR/FPR: per-round share of attackers / honest hospitals the guard flags (the guard
-  only; the other rules give no verdicts);
-- rounds to detection: the first round each attacker is flagged, averaged;
-- clean AUROC: mean test AUROC of the honest hospitals at the final round, and its gap
-  to attack-free FedAvg's mean over the same hospitals (FedAvg's attack-free run is always
-  made, as the reference). "oracle" is the gap to FedAvg trained without the attackers'
-  hospitals at all (they only evaluate): the best any defence that excludes them can do;
-- backdoor success: of the honest hospitals' positive test cases that the final model
-  ranks above the hospital's median negative, the share the trigger pushes to or below it
-  (``simulations.attacks.trigger_flip_rate``; the benign FedAvg model's rate is printed for
-  reference). "added" is that share less the oracle model's over the same hospitals: what
-  the attack added (a model that never saw the trigger is pushed by it too: 0.02-0.12).
-  "@0.5" is the older measure, the share of stamped positives called negative at a
-  threshold of 0.5; it moves with the model's bias (seed 6: 0.08 and 0.42 for two models
-  trained on the same honest hospitals).
-Plus the guard's false-positive rate with no attacker at all.
+Declared before any run (the guard's defaults in ``server/guard/config.py`` were chosen on
+the tuning cases only; the held-out cases are run once with them, frozen):
 
-    python benchmarks/guard_benchmark.py [--rounds 8] [--rules guard fedavg ...] [--attacks ...] [--seed 0]
+- tuning: attack families ``TUNING_ATTACKS``, benign cases ``*_tuning``, seeds 0 and 1,
+  10 hospitals;
+- held-out: attack families ``HELDOUT_ATTACKS`` (among them the white-box attacks written
+  against this guard), benign cases ``*`` (stronger versions of the tuning ones: prevalence
+  0.05 and 0.95, a very different scanner, 10x smaller and larger hospitals, late joiners,
+  dropouts, drifting data), seeds 2 and 3, 5 to 50 hospitals.
 
-Targets: TPR >= 97%, FPR <= 2%, clean AUROC within 0.01 of attack-free FedAvg, backdoor
-success <= 3%.
+Parts (``--part``):
+
+- ``attacks``: every attack family at 20% attackers (two at least), 10 hospitals, every
+  rule: the guard data-free and with a 200-case reference set, FedAvg, Krum, MultiKrum,
+  Bulyan, FedMedian, FedTrimmedAvg, FLTrust (on the same reference set) and FLAME. TPR is
+  per attacker-round from the attack's start; "in 2" is the share of attackers flagged
+  within 2 rounds of starting; the honest AUROC gap is to FedAvg trained without the
+  attackers' hospitals (the oracle); "added" is the backdoor success the attack added
+  over the oracle model (``simulations.attacks.trigger_flip_rate``).
+- ``sizes``: the held-out attack families with 5, 20 and 50 hospitals (guard and FedAvg).
+- ``benign``: no attacker; every benign case at 5, 10, 20 and 50 hospitals; the guard's
+  exclusions (the target is none), its shortenings, and each affected hospital's AUROC
+  against FedAvg's.
+- ``cost``: the guard's time per round against a whole FedAvg round, side by side on one
+  10-hospital world; and the guard alone on ten updates of an 11M-parameter model
+  (ResNet-18 sized), its time and peak memory.
+
+    python benchmarks/guard_benchmark.py --phase tuning --part attacks benign
+    python benchmarks/guard_benchmark.py --phase heldout --part attacks sizes benign cost
+
+Rows go to ``--out`` (JSONL) as they finish; a rerun skips rows already there.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from client.task import new_model, predict_scores
-from simulations.scenario import SimulationScenario as Scenario, load_scenario
+from client.models import model_for_state
+from client.task import predict_scores
+from server.guard.round import read_round_reports
 from simulations.attacks import ATTACKS, BACKDOOR_TARGET, stamp_trigger, trigger_flip_rate
-from simulations.datasets import build_site
+from simulations.datasets import build_site, write_reference_set
 from simulations.runner import run_scenario
+from simulations.scenario import SimulationScenario
 
-RULES = ["guard", "fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean"]
-FRACTIONS = [0.1, 0.2, 0.3]
-
-
-def configure(base: Scenario, rule: str, attack: str | None, attackers: list[str]) -> Scenario:
-    federation = {"aggregation": "fedavg" if rule == "guard" else rule, "assumed_malicious": len(attackers)}
-    if rule != "guard":
-        federation["guard"] = None
-    scenario = base.with_overrides(federation=federation)
-    if attack is not None:
-        scenario = scenario.with_overrides(attack={"name": attack, "malicious": attackers})
-    return scenario
-
-
-def guard_base(*, rounds: int, seed: int | None, fdr: float | None) -> Scenario:
-    """The `guard` scenario with these rounds, seed and false-discovery rate (None: the scenario's)."""
-    base = load_scenario("guard").with_overrides(federation={"num_rounds": rounds})
-    if seed is not None:
-        base = base.with_overrides(seed=seed)
-    if fdr is not None:
-        guard = base.federation.guard.model_dump() | {"fdr": fdr}
-        base = base.with_overrides(federation={"guard": guard})
-    return base
+ROUNDS = 20
+REFERENCE_CASES = 200
+TUNING_ATTACKS = ("sign-flip", "gaussian", "label-flip", "backdoor", "alie", "free-rider")
+HELDOUT_ATTACKS = ("ipm", "min-max", "colluding-pair", "norm-matched-backdoor", "direction-matched-backdoor",
+                   "split-backdoor", "sleeper", "replay", "mimic", "slow-drift", "crafted-orthogonal")
+BACKDOORS = ("backdoor", "norm-matched-backdoor", "direction-matched-backdoor", "split-backdoor")
+START_ROUND = {"sleeper": 4}  # when an attack strikes (default: round 1)
+RULES = ("guard", "guard+reference", "fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "fltrust",
+         "flame")
+SEEDS = {"tuning": (0, 1), "heldout": (2, 3)}
+SIZES = {"tuning": (10,), "heldout": (5, 10, 20, 50)}
+BENIGN = {
+    "tuning": ("base", "prevalence_tuning", "scanner_tuning", "size_tuning", "late_tuning", "dropout_tuning",
+               "drift_tuning"),
+    "heldout": ("prevalence", "scanner", "size", "late", "dropout", "drift"),
+}
 
 
-def attackers_of(names: list[str], count: int) -> list[str]:
-    """The malicious hospitals of a row: the first ``count`` after hospital 00 (all, at most)."""
-    return names[1 : 1 + count] if count < len(names) else names
-
-
-def detection(run_dir: Path, attackers: list[str]) -> dict[str, float]:
-    reports = [json.loads(p.read_text()) for p in sorted((run_dir / "anomalies").glob("round-*.json"))]
-    if not reports:
-        return {"tpr": float("nan"), "fpr": float("nan"), "rounds-to-detection": float("nan")}
-    tpr, fpr, first = [], [], {}
-    for report in reports:
-        flagged = set(report["flagged"])
-        clients = [v["client"] for v in report["verdicts"]]
-        honest = [c for c in clients if c not in attackers]
-        bad = [c for c in clients if c in attackers]
-        if bad:
-            tpr.append(len(flagged & set(bad)) / len(bad))
-        fpr.append(len(flagged & set(honest)) / max(len(honest), 1))
-        for client in flagged & set(bad):
-            first.setdefault(client, report["round"])
-    delay = [first.get(a, np.nan) for a in attackers] if attackers else []
+def base_world(n: int, seed: int) -> dict:
+    """``n`` hospitals whose scanner, prevalence and shortcut strength are drawn from ``seed``."""
+    rng = np.random.default_rng([seed, n, 2024])
+    sites = []
+    for i in range(n):
+        sites.append({
+            "name": f"hospital-{i:02d}", "n_samples": 300,
+            "prevalence": round(float(rng.uniform(0.35, 0.65)), 3),
+            "correlation": round(float(rng.uniform(0.5, 0.75)), 3),
+            "acquisition": {"gamma": round(float(rng.uniform(0.85, 1.25)), 3),
+                            "blur_sigma": round(float(rng.uniform(0.0, 0.6)), 3),
+                            "gaussian_noise": round(float(rng.uniform(0.02, 0.05)), 3)},
+        })
     return {
-        "tpr": float(np.mean(tpr)) if tpr else float("nan"),
-        "fpr": float(np.mean(fpr)),
-        "rounds-to-detection": float(np.nanmean(delay)) if delay and not np.all(np.isnan(delay)) else float("nan"),
+        "name": f"guard-bench-{n}", "seed": seed,
+        "data": {"label_noise": 0.1, "lesion_intensity": 0.8, "confounders": ["tag", "denoising", "noise"],
+                 "sites": sites},
+        "training": {"objective": "erm", "learning_rate": 0.001, "local_epochs": 1, "batch_size": 32},
+        "federation": {"num_rounds": ROUNDS, "engine": "inprocess", "evaluate_every": ROUNDS},
     }
 
 
-def backdoor_rates(scenario: Scenario, run_dir: Path, honest: list[int]) -> tuple[dict[str, float], dict[str, float]]:
-    """Per honest hospital, the trigger's flip rate on the final model's ranking, and the
-    share of its stamped positive test cases that the model calls negative at 0.5."""
-    model = new_model(seed=0)
-    model.load_state_dict(torch.load(run_dir / "model.pt"))
-    ranked, at_half = {}, {}
+def _site(raw: dict, index: int) -> dict:
+    return raw["data"]["sites"][index]
+
+
+def benign_case(raw: dict, case: str) -> dict:
+    """The base world with one kind of honest heterogeneity made strong (the last hospitals)."""
+    raw = copy.deepcopy(raw)
+    n = len(raw["data"]["sites"])
+    kind, _, phase = case.partition("_")
+    tuning = phase == "tuning"
+    behaviour = raw.setdefault("behaviour", {})
+    if kind == "prevalence":
+        _site(raw, n - 1)["prevalence"], _site(raw, n - 2)["prevalence"] = (0.8, 0.2) if tuning else (0.95, 0.05)
+    elif kind == "scanner":
+        _site(raw, n - 1)["acquisition"] = ({"gamma": 1.4, "blur_sigma": 0.8, "gaussian_noise": 0.06} if tuning else
+                                            {"gamma": 1.8, "blur_sigma": 1.2, "gaussian_noise": 0.12, "photon_count": 200})
+    elif kind == "size":
+        factor = 3 if tuning else 10
+        _site(raw, n - 1)["n_samples"] = 300 * factor
+        _site(raw, n - 2)["n_samples"] = max(40, 300 // factor)
+    elif kind == "late":
+        for index in (n - 1, n - 2):
+            behaviour[_site(raw, index)["name"]] = {"joins_at": 3 if tuning else 8}
+    elif kind == "dropout":
+        for index in (n - 1, n - 2):
+            behaviour[_site(raw, index)["name"]] = {"dropout": 0.2 if tuning else 0.4}
+    elif kind == "drift":
+        drift = {"prevalence": 0.7} if tuning else {"prevalence": 0.9, "acquisition": {"gamma": 1.6, "blur_sigma": 0.8}}
+        behaviour[_site(raw, n - 1)["name"]] = {"drift": drift}
+    elif kind != "base":
+        raise ValueError(f"unknown benign case {case!r}")
+    return raw
+
+
+def affected(raw: dict, case: str) -> list[str]:
+    """The hospitals a benign case made different."""
+    n, kind = len(raw["data"]["sites"]), case.partition("_")[0]
+    count = {"base": 0, "scanner": 1, "drift": 1}.get(kind, 2)
+    return [_site(raw, n - 1 - k)["name"] for k in range(count)]
+
+
+def attackers_of(raw: dict, family: str) -> list[str]:
+    """20% of the hospitals (two at least), skipping hospital 00."""
+    names = [s["name"] for s in raw["data"]["sites"]]
+    return names[1 : 1 + max(2, round(0.2 * len(names)))]
+
+
+def configure(raw: dict, rule: str, *, reference: Path | None, attackers: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    federation = raw["federation"]
+    federation["aggregation"] = rule if rule not in ("guard", "guard+reference") else "fedavg"
+    federation["assumed_malicious"] = len(attackers)
+    if rule in ("guard", "guard+reference"):
+        federation["guard"] = {"reference_set": str(reference) if rule == "guard+reference" else None}
+    elif rule == "fltrust":
+        federation["guard"] = {"enabled": False, "reference_set": str(reference)}
+    return raw
+
+
+def detection(reports: list[dict], attackers: list[str], start: int) -> dict:
+    """TPR per attacker-round from the attack's start, the share of attackers flagged within
+    2 rounds of starting, and the share of honest hospital-rounds excluded."""
+    hits, first, honest_rounds, honest_excluded = [], {}, 0, 0
+    for report in reports:
+        excluded = set(report["excluded"])
+        for verdict in report["verdicts"]:
+            client = verdict["client"]
+            if client in attackers and report["round"] >= start:
+                hits.append(client in excluded)
+                if client in excluded:
+                    first.setdefault(client, report["round"])
+            elif client not in attackers:
+                honest_rounds += 1
+                honest_excluded += client in excluded
+    in_two = [first.get(a, math.inf) <= start + 1 for a in attackers]
+    return {"tpr": float(np.mean(hits)) if hits else math.nan,
+            "flagged-in-2": float(np.mean(in_two)) if attackers else math.nan,
+            "fpr": honest_excluded / max(honest_rounds, 1), "honest-excluded": honest_excluded}
+
+
+def shortenings(reports: list[dict], hospitals: list[str]) -> dict[str, float]:
+    """Per hospital, the share of its rounds in which the guard shortened its update."""
+    rounds = {h: [v["clip_scale"] < 1 for r in reports for v in r["verdicts"] if v["client"] == h] for h in hospitals}
+    return {h: float(np.mean(r)) if r else 0.0 for h, r in rounds.items()}
+
+
+def _final_auroc(history: dict) -> dict[str, float]:
+    last = history["rounds"][-1]["sites"]
+    return {site: float(m["test-auroc"]) for site, m in last.items() if "test-auroc" in m}
+
+
+def backdoor_rates(scenario: SimulationScenario, model_path: Path, honest: list[int]) -> dict[str, float]:
+    model = model_for_state(torch.load(model_path))
+    rates = {}
     for index in honest:
-        test = build_site(scenario, index).test  # the honest hospital's own data
-        positives = test.images[test.labels != BACKDOOR_TARGET]
-        stamped = predict_scores(model, stamp_trigger(positives))
-        name = scenario.data.sites[index].name
-        ranked[name] = trigger_flip_rate(positives=predict_scores(model, positives), stamped=stamped,
-                                         negatives=predict_scores(model, test.images[test.labels == BACKDOOR_TARGET]))
-        at_half[name] = float(np.mean((stamped >= 0.5).astype(int) == BACKDOOR_TARGET))
-    return ranked, at_half
+        test = build_site(scenario, index).test
+        positives, negatives = test.images[test.labels != BACKDOOR_TARGET], test.images[test.labels == BACKDOOR_TARGET]
+        rates[scenario.data.sites[index].name] = trigger_flip_rate(
+            positives=predict_scores(model, positives), stamped=predict_scores(model, stamp_trigger(positives)),
+            negatives=predict_scores(model, negatives))
+    return rates
 
 
-FAILED = {"auroc": float("nan"), "backdoor": float("nan"), "backdoor@0.5": float("nan"), "tpr": float("nan"),
-          "fpr": float("nan"), "rounds-to-detection": float("nan"), "site-auroc": {}, "site-backdoor": {}}
-
-
-def run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) -> dict[str, float]:
-    """One federation; a rule that cannot run here (Bulyan needs n >= 4f + 3) gives NaNs."""
-    try:
-        return _run(base, rule, attack, attackers)
-    except Exception as error:  # noqa: BLE001 - reported in the table, the benchmark goes on
-        print(f"  ({rule} under {attack} with {len(attackers)} attackers failed: {type(error).__name__}: "
-              f"{str(error).splitlines()[0][:120]})", flush=True)
-        return dict(FAILED)
-
-
-def _run(base: Scenario, rule: str, attack: str | None, attackers: list[str]) -> dict[str, float]:
-    scenario = configure(base, rule, attack, attackers)
-    names = [s.name for s in scenario.data.sites]
+def run(raw: dict, *, backdoor: bool = False) -> dict:
+    """One federation: final AUROC per hospital, the guard's reports, time, backdoor rates."""
+    scenario = SimulationScenario.model_validate(raw)
     with tempfile.TemporaryDirectory() as folder:
-        run_dir = Path(folder)
-        history = run_scenario(scenario, run_dir=run_dir)
-        last = history["rounds"][-1]["sites"]
-        honest = [i for i, n in enumerate(names) if n not in attackers]
-        site_auroc = {names[i]: float(last[names[i]]["test-auroc"]) for i in honest}
-        site_backdoor, at_half = backdoor_rates(scenario, run_dir, honest)
-        return {"auroc": float(np.mean(list(site_auroc.values()))), "site-auroc": site_auroc,
-                "backdoor": float(np.nanmean(list(site_backdoor.values()))), "site-backdoor": site_backdoor,
-                "backdoor@0.5": float(np.mean(list(at_half.values()))),
-                **detection(run_dir, attackers)}
+        started = time.monotonic()
+        history = run_scenario(scenario, run_dir=Path(folder))
+        seconds = time.monotonic() - started
+        attackers = set(scenario.attack.malicious) if scenario.attack else set()
+        honest = [i for i, s in enumerate(scenario.data.sites) if s.name not in attackers and s.role == "train"]
+        rates = backdoor_rates(scenario, Path(folder) / "model.pt", honest) if backdoor else {}
+        return {"auroc": _final_auroc(history), "reports": read_round_reports(Path(folder)), "seconds": seconds,
+                "backdoor": rates, "guard-seconds": history["meta"].get("guard-seconds"),
+                "round-seconds": history["meta"].get("round-seconds")}
 
 
-def without_attackers(base: Scenario, attackers: list[str]) -> Scenario:
-    """The oracle's federation: the attackers' hospitals only evaluate (same data, same indices)."""
-    raw = base.model_dump(mode="json")
+def oracle_world(raw: dict, attackers: list[str]) -> dict:
+    """FedAvg trained without the attackers' hospitals (they only evaluate)."""
+    raw = copy.deepcopy(raw)
     for site in raw["data"]["sites"]:
         if site["name"] in attackers:
             site["role"] = "heldout"
-    return configure(Scenario.model_validate(raw), "fedavg", None, [])
+    return raw
 
 
-def auroc_gap(reference: dict[str, float], result: dict) -> float:
-    """Attack-free FedAvg's mean test AUROC over this run's honest hospitals, minus this run's."""
-    sites = result["site-auroc"]
-    return float(np.mean([reference[s] for s in sites]) - result["auroc"]) if sites else float("nan")
+def _mean(values) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
-def added_backdoor(oracle: dict[str, float], result: dict) -> float:
-    """This run's backdoor success less the oracle model's over the same honest hospitals."""
-    sites = result["site-backdoor"]
-    return float(result["backdoor"] - np.nanmean([oracle[s] for s in sites])) if sites else float("nan")
+def attack_row(raw: dict, family: str, rule: str, seed: int, reference: Path, oracle: dict) -> dict:
+    attackers = attackers_of(raw, family)
+    start = START_ROUND.get(family, 1)
+    attacked = copy.deepcopy(raw)
+    attacked["attack"] = {"name": family, "malicious": attackers, "start_round": start}
+    result = run(configure(attacked, rule, reference=reference, attackers=attackers), backdoor=family in BACKDOORS)
+    honest = [s for s in result["auroc"] if s not in attackers]
+    row = {"family": family, "rule": rule, "seed": seed, "n": len(raw["data"]["sites"]), "attackers": len(attackers),
+           "honest-auroc": _mean(result["auroc"][s] for s in honest),
+           "oracle-gap": _mean(oracle["auroc"][s] for s in honest) - _mean(result["auroc"][s] for s in honest),
+           "seconds": result["seconds"]}
+    if family in BACKDOORS:
+        row["backdoor"] = _mean(result["backdoor"].values())
+        row["added-backdoor"] = row["backdoor"] - _mean(oracle["backdoor"][s] for s in result["backdoor"])
+    if result["reports"]:
+        row |= detection(result["reports"], attackers, start)
+    return row
+
+
+def _done(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
+
+
+def _append(out: Path, row: dict) -> None:
+    with out.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def part_attacks(phase: str, out: Path, rules: tuple[str, ...], sizes: tuple[int, ...], families: tuple[str, ...]) -> None:
+    done = {(r.get("part"), r["family"], r["rule"], r["seed"], r["n"]) for r in _done(out) if "family" in r}
+    part = "attacks" if sizes == (10,) else "sizes"
+    for n in sizes:
+        for seed in SEEDS[phase]:
+            raw = base_world(n, seed)
+            with tempfile.TemporaryDirectory() as folder:
+                reference = write_reference_set(SimulationScenario.model_validate(raw), Path(folder) / "reference.npz",
+                                                cases=REFERENCE_CASES)
+                oracles: dict[tuple[str, ...], dict] = {}
+                for family in families:
+                    attackers = attackers_of(raw, family)
+                    for rule in rules:
+                        if (part, family, rule, seed, n) in done:
+                            continue
+                        key = tuple(attackers)
+                        if key not in oracles:
+                            oracles[key] = run(oracle_world(raw, attackers), backdoor=True)
+                        try:
+                            row = attack_row(raw, family, rule, seed, reference, oracles[key])
+                        except Exception as error:  # noqa: BLE001 - a rule that cannot run here is a row, not a crash
+                            row = {"family": family, "rule": rule, "seed": seed, "n": n,
+                                   "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+                        row |= {"part": part, "phase": phase}
+                        _append(out, row)
+                        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                              flush=True)
+
+
+def part_benign(phase: str, out: Path) -> None:
+    done = {(r["case"], r["seed"], r["n"]) for r in _done(out) if "case" in r}
+    sizes = SIZES[phase]
+    for n in sizes:
+        for seed in SEEDS[phase]:
+            for case in BENIGN[phase]:
+                if (case, seed, n) in done:
+                    continue
+                raw = benign_case(base_world(n, seed), case)
+                guarded = run(configure(raw, "guard", reference=None, attackers=[]))
+                plain = run(configure(raw, "fedavg", reference=None, attackers=[]))
+                with tempfile.TemporaryDirectory() as folder:
+                    reference = write_reference_set(SimulationScenario.model_validate(raw), Path(folder) / "reference.npz",
+                                                    cases=REFERENCE_CASES)
+                    referenced = run(configure(raw, "guard+reference", reference=reference, attackers=[]))
+                hospitals = affected(raw, case)
+                cut = shortenings(guarded["reports"], [s["name"] for s in raw["data"]["sites"]])
+                row = {"case": case, "seed": seed, "n": n, "phase": phase, "part": "benign",
+                       "honest-excluded": detection(guarded["reports"], [], 1)["honest-excluded"],
+                       "honest-excluded-reference": detection(referenced["reports"], [], 1)["honest-excluded"],
+                       "shortened-share": _mean(cut.values()),
+                       "affected": hospitals,
+                       "affected-auroc-guard": _mean(guarded["auroc"].get(h) for h in hospitals),
+                       "affected-auroc-fedavg": _mean(plain["auroc"].get(h) for h in hospitals),
+                       "affected-shortened": _mean(cut.get(h, 0.0) for h in hospitals),
+                       "mean-auroc-guard": _mean(guarded["auroc"].values()),
+                       "mean-auroc-fedavg": _mean(plain["auroc"].values())}
+                _append(out, row)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
+def resnet18(num_inputs: int = 1) -> torch.nn.Module:
+    """A ResNet-18 (11.2M parameters) for 28x28 inputs: only its size matters here."""
+    from torch import nn
+
+    def block(cin: int, cout: int, stride: int) -> nn.Module:
+        class Basic(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                                          nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+                self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                             if stride != 1 or cin != cout else nn.Identity())
+
+            def forward(self, x):
+                return torch.relu(self.body(x) + self.skip(x))
+
+        return Basic()
+
+    layers = [nn.Conv2d(num_inputs, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    for cin, cout, stride in ((64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
+                              (256, 512, 2), (512, 512, 1)):
+        layers.append(block(cin, cout, stride))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1)]
+    return nn.Sequential(*layers)
+
+
+def part_cost(out: Path) -> None:
+    """Guard time per round against a FedAvg round (same world, one process), and the guard
+    on an 11M-parameter model's updates: time and peak memory."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from server.guard import Guard, GuardConfig
+    from server.guard.round import apply_judgement, measure_replies
+
+    raw = base_world(10, 2)
+    guarded = run(configure(raw, "guard", reference=None, attackers=[]))
+    plain = run(configure(raw, "fedavg", reference=None, attackers=[]))
+    row = {"part": "cost", "phase": "heldout", "n": 10,
+           "guard-seconds-per-round": _mean(guarded["guard-seconds"] or []),
+           "fedavg-round-seconds": _mean(plain["round-seconds"] or []),
+           "guarded-round-seconds": _mean(guarded["round-seconds"] or [])}
+    row["overhead"] = row["guard-seconds-per-round"] / row["fedavg-round-seconds"]
+    _append(out, row)
+    print(json.dumps(row), flush=True)
+
+    model = resnet18()
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    parameters = sum(v.size for v in state.values())
+    sent = ArrayRecord({k: v for k, v in state.items()})
+    rng = np.random.default_rng(0)
+    direction = {k: rng.normal(0, 1e-3, v.shape).astype(v.dtype) if v.dtype.kind == "f" else np.zeros_like(v)
+                 for k, v in state.items()}
+    replies = []
+    for i in range(10):
+        arrays = {k: (v + direction[k] + rng.normal(0, 1e-3, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v
+                  for k, v in state.items()}
+        content = RecordDict({"arrays": ArrayRecord(arrays),
+                              "metrics": MetricRecord({"num-examples": 300, "train-steps": 10.0})})
+        replies.append(Message(content, dst_node_id=i + 1, message_type="train"))
+    guard = Guard(GuardConfig(), seed=0)
+    tracemalloc.start()
+    started = time.monotonic()
+    judgement = guard.judge(1, [f"h{i}" for i in range(10)], *measure_replies(guard, replies, sent))
+    apply_judgement(judgement, replies, sent)
+    seconds = time.monotonic() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    row = {"part": "memory", "phase": "heldout", "parameters": int(parameters), "clients": 10,
+           "guard-seconds": seconds, "guard-peak-mib": peak / 2**20,
+           "updates-mib": 10 * parameters * 4 / 2**20, "excluded": judgement.excluded}
+    _append(out, row)
+    print(json.dumps(row), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--rules", nargs="+", default=RULES)
-    parser.add_argument("--attacks", nargs="+", default=sorted(ATTACKS))
-    parser.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
-    parser.add_argument("--fdr", type=float, default=None, help="the guard's false-discovery rate (default: the scenario's)")
-    parser.add_argument("--seed", type=int, default=None, help="the scenario's seed: other hospitals' data and start")
+    parser.add_argument("--phase", choices=("tuning", "heldout"), required=True)
+    parser.add_argument("--part", nargs="+", choices=("attacks", "sizes", "benign", "cost"), default=["attacks"])
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--families", nargs="+", default=None, choices=sorted(ATTACKS))
+    parser.add_argument("--out", type=Path, default=None, help="JSONL of rows (default: /tmp/guard-<phase>.jsonl)")
     args = parser.parse_args()
-    base = guard_base(rounds=args.rounds, seed=args.seed, fdr=args.fdr)
-    names = [s.name for s in base.data.sites if s.role == "train"]
-    print(f"{'rule':<13}{'attack':<16}{'bad':>4}{'TPR':>7}{'FPR':>7}{'detect@':>8}{'AUROC':>7}{'gap':>7}{'oracle':>7}"
-          f"{'backdoor':>9}{'added':>7}{'@0.5':>7}{'secs':>6}")
-    reference = {}
-    for rule in dict.fromkeys(["fedavg", *args.rules]):  # attack-free FedAvg is every row's reference
-        started = time.monotonic()
-        benign = run(base, rule, None, [])
-        reference[rule] = benign
-        print(f"{rule:<13}{'(none)':<16}{0:>4}{'':>7}{benign['fpr']:>7.3f}{'':>8}{benign['auroc']:>7.3f}{'':>14}"
-              f"{benign['backdoor']:>9.3f}{'':>7}{benign['backdoor@0.5']:>7.3f}{time.monotonic() - started:>6.0f}",
-              flush=True)
-    oracles: dict[tuple[str, ...], dict] = {}
-    clean_fedavg = reference["fedavg"]["auroc"]
-    summary: dict[str, dict[str, list[float]]] = {}
-    for attack in args.attacks:
-        for fraction in args.fractions:
-            count = max(round(fraction * len(names)), 2 if attack == "colluding-pair" else 1)
-            attackers = attackers_of(names, count)
-            if tuple(attackers) not in oracles:
-                oracles[tuple(attackers)] = _run(without_attackers(base, attackers), "fedavg", None, [])
-            for rule in args.rules:
-                started = time.monotonic()
-                result = run(base, rule, attack, attackers)
-                row = summary.setdefault(rule, {"tpr": [], "fpr": [], "auroc-gap": [], "oracle-gap": [], "backdoor": [],
-                                                "added-backdoor": []})
-                row["tpr"].append(result["tpr"])
-                row["fpr"].append(result["fpr"])
-                gap = auroc_gap(reference["fedavg"]["site-auroc"], result)
-                oracle = oracles[tuple(attackers)]
-                oracle_gap = auroc_gap(oracle["site-auroc"], result)
-                added = added_backdoor(oracle["site-backdoor"], result)
-                if not np.isnan(gap):
-                    row["auroc-gap"].append(gap)
-                    row["oracle-gap"].append(oracle_gap)
-                if attack == "backdoor" and not np.isnan(result["backdoor"]):
-                    row["backdoor"].append(result["backdoor"])
-                    row["added-backdoor"].append(added)
-                print(f"{rule:<13}{attack:<16}{count:>4}{result['tpr']:>7.3f}{result['fpr']:>7.3f}"
-                      f"{result['rounds-to-detection']:>8.1f}{result['auroc']:>7.3f}{gap:>7.3f}{oracle_gap:>7.3f}"
-                      f"{result['backdoor']:>9.3f}{added:>7.3f}{result['backdoor@0.5']:>7.3f}"
-                      f"{time.monotonic() - started:>6.0f}", flush=True)
-    print()
-    print(f"summary over every attack and fraction; attack-free FedAvg AUROC {clean_fedavg:.3f} (all hospitals), "
-          f"backdoor rate {reference['fedavg']['backdoor']:.3f}; gaps are over each run's honest hospitals")
-    print(f"{'rule':<13}{'mean TPR':>9}{'min TPR':>9}{'mean FPR':>9}{'benign FPR':>11}{'worst AUROC gap':>16}"
-          f"{'worst oracle gap':>17}{'max backdoor':>13}{'max added':>10}")
-    for rule, row in summary.items():
-        tpr = [v for v in row["tpr"] if not np.isnan(v)]
-        print(f"{rule:<13}{(np.mean(tpr) if tpr else float('nan')):>9.3f}{(min(tpr) if tpr else float('nan')):>9.3f}"
-              f"{np.nanmean(row['fpr']) if tpr else float('nan'):>9.3f}{reference[rule]['fpr']:>11.3f}"
-              f"{(max(row['auroc-gap']) if row['auroc-gap'] else float('nan')):>16.3f}"
-              f"{(max(row['oracle-gap']) if row['oracle-gap'] else float('nan')):>17.3f}"
-              f"{(max(row['backdoor']) if row['backdoor'] else float('nan')):>13.3f}"
-              f"{(max(row['added-backdoor']) if row['added-backdoor'] else float('nan')):>10.3f}")
+    torch.set_num_threads(1)
+    out = args.out or Path(f"/tmp/guard-{args.phase}.jsonl")
+    families = tuple(args.families) if args.families else (TUNING_ATTACKS if args.phase == "tuning" else HELDOUT_ATTACKS)
+    for part in args.part:
+        if part == "attacks":
+            part_attacks(args.phase, out, tuple(args.rules), (10,), families)
+        elif part == "sizes":
+            part_attacks(args.phase, out, ("guard", "fedavg"), tuple(s for s in SIZES[args.phase] if s != 10), families)
+        elif part == "benign":
+            part_benign(args.phase, out)
+        elif part == "cost":
+            part_cost(out)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,12 @@ class ChestNet(nn.Module):
         self.features = _image_features()
         self.head = nn.Linear(FEATURE_DIM, 1)
 
+    def represent(self, images: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the features (projected, in the subspace models)."""
+        return self.features(images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images)).squeeze(-1)
+        return self.head(self.represent(images)).squeeze(-1)
 
 
 class ChestNetBN(ChestNet):
@@ -96,8 +100,11 @@ class TabularNet(nn.Module):
         self.features = nn.Identity()
         self.head = nn.Linear(num_features, 1)
 
+    def represent(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.features(rows)
+
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(rows)).squeeze(-1)
+        return self.head(self.represent(rows)).squeeze(-1)
 
 
 def mixture_logit(conditional_logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -186,12 +193,40 @@ class StyleAdjustedNet(ChestNet):
         self.prototype_prior.copy_(frequencies / frequencies.sum())
 
 
+class _Projected:
+    """The head reads the features projected off a subspace: ``projection`` (a buffer, the
+    identity until the subspace objectives set it) maps features to what the head sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("projection", torch.eye(FEATURE_DIM))
+
+    def represent(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images) @ self.projection
+
+    @torch.no_grad()
+    def remove_directions(self, directions: torch.Tensor) -> None:
+        """Project the features off the span of ``directions`` (rows, any scale)."""
+        basis = torch.linalg.qr(directions.T).Q if len(directions) else directions.new_zeros((FEATURE_DIM, 0))
+        self.projection.copy_(torch.eye(FEATURE_DIM) - basis @ basis.T)
+
+
+class ProjectedNet(_Projected, ChestNet):
+    """ChestNet whose head reads its features off the spurious subspace (``remove_directions``)."""
+
+
+class StrataProjectedNet(_Projected, StrataAdjustedNet):
+    """Backdoor adjustment over recorded strata, with the head reading projected features."""
+
+
 ImageModel = Callable[[], nn.Module]
 ARCHITECTURES: dict[str, ImageModel] = {
     "plain": ChestNet,
     "batchnorm": ChestNetBN,
     "strata-adjusted": StrataAdjustedNet,
     "style-adjusted": StyleAdjustedNet,
+    "projected": ProjectedNet,
+    "strata-projected": StrataProjectedNet,
 }
 
 

@@ -66,6 +66,17 @@ class Objective(ABC):
         """
         return {}
 
+    @classmethod
+    def combine(cls, parts: list[tuple[float, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+        """What the server broadcasts from the hospitals' statistics (example count, values):
+        by default each entry's example-weighted mean (NaN entries, such as a class a
+        hospital does not have, are left out of that entry's mean)."""
+        return weighted_mean_statistics(parts)
+
+    def trainable(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The parameters local training moves (all of them unless the objective freezes some)."""
+        return list(model.parameters())
+
     def local_state_keys(self, model: torch.nn.Module) -> set[str]:
         """Model entries this hospital keeps for itself instead of taking the global ones."""
         return set()
@@ -110,6 +121,21 @@ class Objective(ABC):
         loss.backward()
         optimizer.step()
         return stats
+
+
+def weighted_mean_statistics(parts: list[tuple[float, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """Example-weighted mean of each statistic over the hospitals (NaN entries left out)."""
+    sums: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray] = {}
+    for count, values in parts:
+        for key, value in values.items():
+            vector = np.asarray(value, dtype=np.float64).reshape(-1)
+            if key in sums and sums[key].shape != vector.shape:
+                continue  # a malformed statistic does not get a vote
+            finite = np.isfinite(vector)
+            sums[key] = sums.get(key, np.zeros_like(vector)) + np.where(finite, vector, 0.0) * count
+            weights[key] = weights.get(key, np.zeros_like(vector)) + finite * count
+    return {key: np.where(weights[key] > 0, sums[key] / np.maximum(weights[key], 1e-12), np.nan) for key in sums}
 
 
 def irm_penalty(logits: torch.Tensor, labels: torch.Tensor, *, split_halves: bool = True) -> torch.Tensor:
@@ -248,3 +274,4 @@ def build_objective(
 # own modules: importing them registers them (at the end, as they build on the classes above).
 import client.federated_objectives  # noqa: E402, F401
 import client.adjusted_objectives  # noqa: E402, F401
+import client.subspace_objectives  # noqa: E402, F401

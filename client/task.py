@@ -85,9 +85,11 @@ def train_locally(
     """
     images, labels = split_tensors(split)
     strata = split_strata(split)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     objective.prepare(model, images, labels, strata)
+    groups = [group if isinstance(group, dict) else {"params": [group]} for group in objective.trainable(model)]
+    groups = [{"params": g["params"], "lr": learning_rate * g.get("lr_scale", 1.0)} for g in groups]
+    optimizer = torch.optim.Adam(groups, lr=learning_rate, weight_decay=weight_decay)
 
     def batches() -> Iterator[tuple[torch.Tensor, ...]]:
         for _ in range(epochs):

@@ -119,7 +119,7 @@ def generate_deployment_keys(
         raise CertificateError("name at least one host the SuperLink is reached at (e.g. superlink, 127.0.0.1)")
     keys = DeploymentKeys(root)
     if keys.ca_certificate.exists() and not overwrite:
-        raise CertificateError(f"{root} already holds a CA; pass overwrite to replace every key in it")
+        raise CertificateError(f"{root} already holds a CA; pass --overwrite to replace every key in it")
     if overwrite:
         keys.provenance_key.unlink(missing_ok=True)
 

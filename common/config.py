@@ -169,9 +169,15 @@ class TrainingConfig(Strict):
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
+    """Every problem on a line of its own, with where it is. A list that came out too short
+    only because one of its items was invalid is not a problem of its own."""
+    items = error.errors()
+    located = [tuple(item["loc"]) for item in items]
     lines = [f"invalid scenario {origin}:"]
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+    for item, loc in zip(items, located):
+        if item["type"] == "too_short" and any(other[: len(loc)] == loc and len(other) > len(loc) for other in located):
+            continue
+        where = ".".join(str(part) for part in loc) or "(top level)"
         lines.append(f"  - {where}: {item['msg']}")
     return "\n".join(lines)
 

@@ -100,11 +100,14 @@ class SiteData:
         path = Path(path)
         if not path.is_file():
             raise SiteDataError(f"site data file not found: {path}")
+        if not zipfile.is_zipfile(path):
+            raise SiteDataError(f"{path}: not an .npz file, or a truncated one (an .npz is a zip archive of named "
+                                "arrays; see docs/site-data.md)")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise SiteDataError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+            raise SiteDataError(f"{path}: corrupt or truncated .npz ({type(error).__name__})") from None
         return site_from_arrays(arrays, origin=str(path), default_name=path.stem)
 
 
@@ -153,6 +156,16 @@ def site_from_arrays(arrays: dict[str, np.ndarray], *, origin: str, default_name
     if role not in ("train", "heldout"):
         raise SiteDataError(f"{origin}: array 'role' is {role!r}, expected 'train' or 'heldout'")
     return SiteData(name=name, role=role, **splits)
+
+
+def check_site(site: SiteData, *, origin: str) -> SiteData:
+    """Every check a hospital's file gets, on data already in memory (a simulated hospital)."""
+    arrays: dict[str, np.ndarray] = {"name": np.array(site.name), "role": np.array(site.role)}
+    for split_name in SPLITS:
+        split = site.split(split_name)
+        arrays |= {f"{split_name}_images": split.images, f"{split_name}_labels": split.labels}
+        arrays |= {f"{split_name}_{META_PREFIX}{k}": v for k, v in split.recorded.items()}
+    return site_from_arrays(arrays, origin=origin, default_name=site.name)
 
 
 def split_indices(

@@ -154,6 +154,7 @@ def run_federation(
         private=scenario.training.privacy is not None,
         evaluate_every=federation.evaluate_every,
         num_rounds=federation.num_rounds,
+        objective=scenario.training.objective,
         report_dir=report_dir,
         **aggregation_options(federation.aggregation, assumed_malicious=federation.assumed_malicious),
         profiles=profiles,

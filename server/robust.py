@@ -50,7 +50,7 @@ def flame_update(deltas: np.ndarray, *, noise_factor: float, rng: np.random.Gene
     units = deltas / np.maximum(np.linalg.norm(deltas, axis=1, keepdims=True), 1e-300)
     distances = np.clip(1.0 - units @ units.T, 0.0, 2.0)
     labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed",
-                     allow_single_cluster=True).fit(distances).labels_
+                     allow_single_cluster=True, copy=True).fit(distances).labels_
     admitted = labels == np.bincount(labels[labels >= 0]).argmax() if (labels >= 0).any() else np.ones(n, dtype=bool)
     norms = np.linalg.norm(deltas, axis=1)
     bound = float(np.median(norms))

@@ -7,6 +7,7 @@ how the o.o.d. performance is measured without any data leaving a hospital.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -29,6 +30,7 @@ from common.protocol import (
     STATISTICS_KEY,
     SiteProfile,
 )
+from client.objectives import OBJECTIVES
 from server.audit import RoundAuditor, deliver_checkpoint
 from server.guard import Guard, RoundJudgement
 from server.guard.evidence import GuardMemory
@@ -59,6 +61,7 @@ class CausalFedAvg(FedAvg):
         private: bool = False,
         evaluate_every: int = 1,
         num_rounds: int | None = None,
+        objective: str = "erm",
         report_dir: Path | None = None,
         **strategy_options,
     ) -> None:
@@ -73,7 +76,9 @@ class CausalFedAvg(FedAvg):
         self.guard, self.reference, self.trainer, self.report_dir = guard, reference, trainer, report_dir
         self.private = private  # hospitals train with DP-SGD
         self.evaluate_every, self.num_rounds = evaluate_every, num_rounds
+        self.objective = objective  # whose combine() turns hospitals' statistics into the broadcast
         self.seed = seed
+        self._round_started: float | None = None
         self.federation_stats: dict[str, np.ndarray] = {}  # broadcast to every hospital next round
         self.profiles = profiles
         self.train_nodes = sorted(train_nodes)
@@ -123,6 +128,7 @@ class CausalFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        self._round_started = time.monotonic()
         self._grid = grid  # kept to hand each round's signed checkpoint to the hospitals
         self._sent = arrays
         wanted = max(self.min_train_nodes, round(len(self.train_nodes) * self.fraction_train))
@@ -199,6 +205,12 @@ class CausalFedAvg(FedAvg):
 
     def _apply_guard(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Judge every update; drop the excluded ones, shorten the ones beyond the round's bound."""
+        started = time.monotonic()
+        kept = self._judge(server_round, replies)
+        self.history.meta.setdefault("guard-seconds", []).append(round(time.monotonic() - started, 4))
+        return kept
+
+    def _judge(self, server_round: int, replies: list[Message]) -> list[Message]:
         sites = [self._site(r) for r in replies]
         sketches, samples, norms, steps = measure_replies(self.guard, replies, self._sent)
         direction, basis = None, ""
@@ -254,7 +266,7 @@ class CausalFedAvg(FedAvg):
         if self.guard is not None and len(usable) >= self.guard.config.min_clients:
             usable = self._apply_guard(server_round, usable)
         if usable:
-            self.federation_stats = average_statistics(usable)
+            self.federation_stats = OBJECTIVES[self.objective].combine(hospital_statistics(usable))
         self._accepted_sites = {self._site(r) for r in usable}
         arrays, metrics = super().aggregate_train(server_round, usable) if usable else (None, None)
         if arrays is not None and self._sent is not None:
@@ -273,6 +285,8 @@ class CausalFedAvg(FedAvg):
             checkpoint = self.auditor.close_round(server_round, self.history.rounds.get(server_round, {}))
             if self._grid is not None:
                 deliver_checkpoint(self._grid, sorted(self.profiles), checkpoint, timeout_s=self.timeout_s)
+        if self._round_started is not None:  # the whole round: training, guard, evaluation, log
+            self.history.meta.setdefault("round-seconds", []).append(round(time.monotonic() - self._round_started, 4))
         self._save_state(server_round)  # last: the state only names rounds that are fully recorded
         return super().aggregate_evaluate(server_round, replies) if replies else None
 
@@ -298,24 +312,15 @@ class CausalFedAvg(FedAvg):
             self.feature_moments = pool_moments(list(parts.values()))
 
 
-def average_statistics(replies: list[Message]) -> dict[str, np.ndarray]:
-    """Example-weighted mean of each statistic over the accepted replies (NaN entries, such
-    as a class a hospital does not have, are left out of that entry's mean)."""
-    sums: dict[str, np.ndarray] = {}
-    weights: dict[str, np.ndarray] = {}
+def hospital_statistics(replies: list[Message]) -> list[tuple[float, dict[str, np.ndarray]]]:
+    """Each accepted reply's example count and statistics (what its objective contributes)."""
+    parts = []
     for reply in replies:
         record = reply.content.config_records.get(STATISTICS_KEY)
-        if record is None:
-            continue
-        count = float(reply.content.metric_records[METRICS_KEY]["num-examples"])
-        for key, values in record.items():
-            vector = np.asarray(values, dtype=np.float64).reshape(-1)
-            if key in sums and sums[key].shape != vector.shape:
-                continue  # a malformed statistic does not get a vote
-            finite = np.isfinite(vector)
-            sums[key] = sums.get(key, np.zeros_like(vector)) + np.where(finite, vector, 0.0) * count
-            weights[key] = weights.get(key, np.zeros_like(vector)) + finite * count
-    return {key: np.where(weights[key] > 0, sums[key] / np.maximum(weights[key], 1e-12), np.nan) for key in sums}
+        if record is not None:
+            count = float(reply.content.metric_records[METRICS_KEY]["num-examples"])
+            parts.append((count, {key: np.asarray(values, dtype=np.float64) for key, values in record.items()}))
+    return parts
 
 
 # Robust rules as baselines: the same hospital handling, a different aggregate.

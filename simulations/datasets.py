@@ -100,7 +100,8 @@ def write_reference_set(scenario: Scenario, path: Path, *, cases: int = 200) -> 
     world with no shortcut (correlation 0.5), taken with a scanner no hospital has (default
     acquisition), half of them positive. Written as the .npz the guard reads."""
     raw = scenario.model_dump(mode="json")
-    raw.pop("attack", None)
+    for simulation_only in ("attack", "behaviour"):
+        raw.pop(simulation_only, None)
     template = dict(next(s for s in raw["data"]["sites"] if s["role"] == "train"))
     n = max(40, round(cases / (1 - raw["data"]["val_fraction"] - raw["data"]["test_fraction"])) + 1)
     template |= {"name": "reference-set", "correlation": 0.5, "correlations": {}, "n_samples": n,

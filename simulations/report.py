@@ -104,59 +104,61 @@ def _site_rows(history: dict[str, Any], scenario: Scenario, selected: int) -> li
 
 
 def _anomaly_reports(run_dir: Path) -> list[dict[str, Any]]:
-    import json
+    from server.guard.round import read_round_reports
 
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "anomalies").glob("round-*.json"))]
+    return read_round_reports(run_dir)
 
 
 def plot_anomaly_graph(reports: list[dict[str, Any]], path: Path) -> str:
-    """Left: the dependency graph (edges seen in any round, flagged clients in red).
-    Right: per round and client, the guard's combined evidence (-log10 p)."""
+    """Left: the dependency graph (an edge: an update computed from another's, or from the
+    others' statistics; red: excluded at least once). Right: per round and hospital, what
+    the guard did (excluded, shortened, accepted)."""
     import networkx as nx
     import numpy as np
 
     clients = sorted({v["client"] for r in reports for v in r["verdicts"]})
-    flags = {c: sum(c in r["flagged"] for r in reports) for c in clients}
-    graph = nx.Graph()
+    excluded = {c: sum(c in r["excluded"] for r in reports) for c in clients}
+    graph = nx.DiGraph()
     graph.add_nodes_from(clients)
     for report in reports:
-        for edge in report["edges"]:
-            weight = graph.get_edge_data(edge["a"], edge["b"], {"weight": 0})["weight"]
-            graph.add_edge(edge["a"], edge["b"], weight=weight + 1)
+        for edge in report.get("edges", []):
+            source = edge["from"].split(" (round")[0]
+            weight = graph.get_edge_data(source, edge["to"], {"weight": 0})["weight"]
+            graph.add_edge(source, edge["to"], weight=weight + 1)
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     layout = nx.circular_layout(graph)
-    colours = ["#d62728" if flags[c] else "#1f77b4" for c in clients]
-    sizes = [300 + 120 * flags[c] for c in clients]
+    colours = ["#d62728" if excluded.get(c) else "#1f77b4" for c in graph.nodes]
     widths = [1 + graph[a][b]["weight"] for a, b in graph.edges]
-    nx.draw_networkx(graph, layout, ax=left, node_color=colours, node_size=sizes, width=widths, font_size=7)
-    left.set_title("dependence edges (width: rounds seen); red: flagged")
+    nx.draw_networkx(graph, layout, ax=left, node_color=colours, node_size=320, width=widths, font_size=7,
+                     arrows=True)
+    left.set_title("dependency graph: edges = computed from (width: rounds); red: excluded")
     left.axis("off")
-    evidence = np.array([[next((-math.log10(max(1 - v["confidence"], 1e-12)) for v in r["verdicts"] if v["client"] == c), 0.0)
-                          for r in reports] for c in clients])
-    image = right.imshow(evidence, aspect="auto", cmap="Reds", vmin=0, vmax=max(4.0, float(evidence.max())))
+    state = np.array([[next((2.0 if v["excluded"] else (1.0 if v["clip_scale"] < 1 else 0.0)
+                             for v in r["verdicts"] if v["client"] == c), np.nan) for r in reports] for c in clients])
+    image = right.imshow(state, aspect="auto", cmap="Reds", vmin=0, vmax=2)
     right.set_yticks(range(len(clients)), clients, fontsize=7)
     right.set_xticks(range(len(reports)), [r["round"] for r in reports], fontsize=7)
     right.set_xlabel("round")
-    right.set_title("guard evidence, -log10 p (combined)")
-    figure.colorbar(image, ax=right)
+    right.set_title("guard: 0 accepted, 1 shortened, 2 excluded")
+    figure.colorbar(image, ax=right, ticks=[0, 1, 2])
     return _figure_to_png(figure, path)
 
 
 def _anomaly_section(run_dir: Path) -> str:
     reports = _anomaly_reports(run_dir)
     if not reports:
-        return "<h2>Anomalies</h2><p>The server guard was off in this run.</p>"
+        return "<h2 id=\"anomalies\">Anomalies</h2><p>The server guard was off in this run.</p>"
     png = plot_anomaly_graph(reports, run_dir / "anomaly_graph.png")
-    rows = [[r["round"], v["client"], v["confidence"], "; ".join(v["evidence"])]
-            for r in reports for v in r["verdicts"] if v["flagged"]]
-    flagged = _table(["round", "hospital", "confidence", "evidence"], rows) if rows else "<p>No update was flagged.</p>"
+    rows = [[r["round"], v["client"], "; ".join(v["reasons"])] for r in reports for v in r["verdicts"] if v["excluded"]]
+    flagged = _table(["round", "hospital", "evidence"], rows) if rows else "<p>No update was excluded.</p>"
+    ran = reports[-1]["detectors"]
+    detectors = _table(["detector", "last round"], [[name, text] for name, text in ran.items()])
     return (
-        "<h2>Anomalies (server guard)</h2><p>Every update was inspected before aggregation: its own forecast, "
-        "magnitude, alignment, dependence on other hospitals' updates, whether it was built from their "
-        "statistics, and the effect of leaving it out (or applying it alone) on the server's validation set. "
-        "Flagged updates were excluded; borderline ones counted half, at most a typical update's size. "
-        "Per-round JSON: <code>anomalies/</code>.</p>"
-        f"{flagged}<img src=\"data:image/png;base64,{png}\" alt=\"anomaly graph\">"
+        "<h2 id=\"anomalies\">Anomalies (server guard)</h2><p>Every update was inspected before aggregation. "
+        "An update is excluded only on evidence that a different prevalence, scanner, size or joining time cannot "
+        "produce; every accepted update is shortened to at most a few typical updates' length. Per-round JSON: "
+        "<code>anomalies/</code>.</p>"
+        f"{flagged}{detectors}<img src=\"data:image/png;base64,{png}\" alt=\"anomaly graph\">"
     )
 
 
@@ -170,10 +172,10 @@ def _provenance_section(run_dir: Path) -> str:
         return "<h2>Provenance log</h2><p>No provenance log in this run.</p>"
     kept = read_kept_checkpoints(run_dir / HOSPITALS_DIR)
     report = verify_log(folder, hospital_checkpoints=kept)
-    status = "verified" if report.ok else "FAILED: " + "; ".join(report.problems[:5])
+    status = "verified" if report.ok else "FAILED: " + "; ".join(report.summary()[:5])
     rows = [[name, len(cps), cps[-1].tree_size if cps else None] for name, cps in kept.items()]
     return (
-        f"<h2>Provenance log</h2><p>{report.records} hash-chained records, {report.checkpoints} "
+        f"<h2 id=\"provenance\">Provenance log</h2><p>{report.records} hash-chained records, {report.checkpoints} "
         f"Ed25519-signed checkpoints: <b>{html.escape(status)}</b>. "
         f"Check it yourself: <code>causalfed log verify {html.escape(str(run_dir))}</code>.</p>"
         + _table(["hospital", "checkpoints kept", "latest tree size"], rows)
@@ -200,7 +202,19 @@ def _onboarding_section(run_dir: Path) -> str:
     )
 
 
-def write_report(run_dir: Path, history: dict[str, Any], scenario: Scenario) -> Path:
+def _verdict_section(history: dict[str, Any], scenario: Scenario, baseline: dict[str, Any] | None) -> str:
+    from simulations.verdict import method_result, verdict_lines
+
+    results = [method_result(scenario.training.objective, history)]
+    if baseline is not None:
+        results.append(method_result("FedAvg-ERM", baseline))
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in verdict_lines(results))
+    return (f"<h2 id=\"verdict\">Verdict</h2><ul class=\"verdict\">{items}</ul>"
+            "<p>Held-out: hospitals that never trained, where the shortcuts may be reversed; i.i.d.: the training "
+            "hospitals' own held-back patients. Final models.</p>")
+
+
+def write_report(run_dir: Path, history: dict[str, Any], scenario: Scenario, baseline: dict[str, Any] | None = None) -> Path:
     warmup = int(history["meta"].get("warmup-rounds", 0))
     selected = select_round(history, warmup_rounds=warmup)
     auroc_png = plot_metric(history, "test-auroc", "test AUROC per hospital", run_dir / "auroc.png", selected=selected)
@@ -224,6 +238,7 @@ def write_report(run_dir: Path, history: dict[str, Any], scenario: Scenario) -> 
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 th{{background:#f3f3f3}}img{{max-width:100%}}code{{background:#f3f3f3;padding:1px 4px}}</style></head><body>
 <h1>causalfed run: {html.escape(scenario.name)}</h1>
+{_verdict_section(history, scenario, baseline)}
 <p>objective <code>{html.escape(scenario.training.objective)}</code>, {len(history['rounds'])} rounds,
 engine <code>{html.escape(str(meta.get('engine')))}</code>, {_fmt(meta.get('seconds'))} s.
 Config SHA-256 <code>{html.escape(str(meta.get('config-sha256')))}</code>.</p>
@@ -235,9 +250,9 @@ rounds), by the objective's own value (the default, marked in the plots) or by A
 the held-out hospital plays no part in either choice.</p>
 {_table(["model", "i.i.d. AUROC", "o.o.d. AUROC", "worst training site"], summary_rows)}
 <h2>Per hospital</h2>
-{_table(["hospital", "role", "shortcut correlation", "prevalence", "val AUROC (selected)",
+<div id="hospitals">{_table(["hospital", "role", "shortcut correlation", "prevalence", "val AUROC (selected)",
          "test AUROC (selected)", "test AUROC (final)", "test accuracy (final)", "DP epsilon spent"],
-        _site_rows(history, scenario, selected))}
+        _site_rows(history, scenario, selected))}</div>
 <img src="data:image/png;base64,{auroc_png}" alt="AUROC per round">
 <img src="data:image/png;base64,{loss_png}" alt="training risk per round">
 {anomaly_html}

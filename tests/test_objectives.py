@@ -148,11 +148,12 @@ def test_federation_statistics_travel_and_switch_penalties_on(small_scenario):
 def test_server_averages_statistics_by_examples():
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from server.strategy import average_statistics
+    from client.objectives import OBJECTIVES
+    from server.strategy import hospital_statistics
 
     def reply(n, values):
         content = RecordDict({"metrics": MetricRecord({"num-examples": n}), "statistics": ConfigRecord({"risk": values})})
         return Message(content, dst_node_id=1, message_type="train")
 
-    stats = average_statistics([reply(100, [1.0, float("nan")]), reply(300, [3.0, 2.0])])
+    stats = OBJECTIVES["vrex"].combine(hospital_statistics([reply(100, [1.0, float("nan")]), reply(300, [3.0, 2.0])]))
     assert stats["risk"].tolist() == [2.5, 2.0]

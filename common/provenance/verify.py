@@ -22,21 +22,111 @@ from common.provenance.merkle import (
 from common.provenance.records import GENESIS, Checkpoint, canonical_bytes, key_id, load_public_key, sha256_hex
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing that does not verify: ``kind`` says what, ``record`` (a 0-based sequence
+    number) or ``checkpoint`` (its tree size) where."""
+
+    kind: str  # unreadable | modified | sequence | chain | signature | key | root | size | missing-file | no-checkpoint | order
+    text: str
+    record: int | None = None
+    checkpoint: int | None = None
+    holder: str | None = None  # the hospital whose kept checkpoint it is, if any
+    found: int | None = None  # a sequence problem: the record number the line holds
+
+
 @dataclass
 class Verification:
     records: int = 0
     checkpoints: int = 0
-    problems: list[str] = field(default_factory=list)
+    details: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def problems(self) -> list[str]:
+        return [problem.text for problem in self.details]
+
+    @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.details
+
+    def add(self, kind: str, text: str, **where) -> None:
+        self.details.append(Problem(kind, text, **where))
+
+    def summary(self) -> list[str]:
+        """One line per finding, as a person reads it: which records were modified, which
+        are missing or out of place, which checkpoints no longer match, and why."""
+        return summarise(self)
+
+
+def _ranges(numbers: list[int]) -> list[str]:
+    spans, numbers = [], sorted(set(numbers))
+    for number in numbers:
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return [f"{a}" if a == b else f"{a}-{b}" for a, b in spans]
+
+
+def summarise(report: Verification) -> list[str]:
+    lines: list[str] = []
+    by_kind: dict[str, list[Problem]] = {}
+    for problem in report.details:
+        by_kind.setdefault(problem.kind, []).append(problem)
+    for problem in by_kind.get("missing-file", []) + by_kind.get("key", []) + by_kind.get("order", []):
+        lines.append(problem.text)
+    modified = [p.record for p in by_kind.get("modified", []) + by_kind.get("unreadable", [])]
+    # A record whose successor no longer chains to it was changed in place, unless the
+    # sequence numbers say records were dropped or moved around it.
+    moved = {p.record for p in by_kind.get("sequence", [])}
+    modified += [p.record - 1 for p in by_kind.get("chain", []) if p.record not in moved and p.record - 1 not in moved]
+    for span in _ranges([r for r in modified if r is not None]):
+        lines.append(f"record{'s' if '-' in span else ''} {span} modified")
+    lines += _sequence_findings(report, by_kind.get("sequence", []), by_kind.get("size", []))
+    for problem in by_kind.get("signature", []):
+        lines.append(problem.text)
+    roots = [p for p in by_kind.get("root", []) if p.holder is None]
+    if roots:
+        why = "the records above were changed" if modified or moved else "the records were rewritten"
+        lines.append(f"checkpoints of tree size {', '.join(_ranges([p.checkpoint for p in roots]))} no longer match "
+                     f"the log: {why} after they were signed")
+    holders = sorted({p.holder for p in report.details if p.holder is not None})
+    for holder in holders:
+        sizes = [p.checkpoint for p in report.details if p.holder == holder]
+        lines.append(f"{holder}'s kept checkpoints of tree size {', '.join(_ranges(sizes))} do not match the log: "
+                     "it was changed after they were signed")
+    if by_kind.get("no-checkpoint"):
+        lines.append(by_kind["no-checkpoint"][0].text)
+    return lines
+
+
+def _sequence_findings(report: Verification, sequence: list[Problem], sizes: list[Problem]) -> list[str]:
+    """Missing, repeated and reordered records, from the record numbers the lines hold."""
+    held = list(range(report.records))
+    for problem in sequence:
+        if problem.found is not None:
+            held[problem.record] = problem.found
+    committed = max([p.checkpoint for p in sizes if p.holder is None], default=0)
+    total = max([committed, *(n + 1 for n in held)])
+    lines = []
+    missing = sorted(set(range(total)) - set(held))
+    if missing:
+        spans = _ranges(missing)
+        lines.append(f"record{'s' if len(missing) > 1 else ''} {', '.join(spans)} missing")
+    repeated = sorted({n for n in held if held.count(n) > 1})
+    if repeated:
+        lines.append(f"record{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} repeated")
+    unique = [n for i, n in enumerate(held) if n not in held[:i]]
+    if unique != sorted(unique):
+        out_of_place = [a for a, b in zip(unique, sorted(unique)) if a != b]
+        lines.append(f"records {', '.join(_ranges(out_of_place))} out of order")
+    return lines
 
 
 def _read_lines(path: Path, report: Verification) -> list[bytes]:
     if not path.exists():
-        report.problems.append(f"{path.name} is missing")
+        report.add("missing-file", f"{path.name} is missing")
         return []
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
@@ -57,34 +147,41 @@ def _check_records(lines: list[bytes], report: Verification) -> list[bytes]:
             record = json.loads(line)
             canonical = canonical_bytes(record) == line
         except (ValueError, UnicodeDecodeError) as error:
-            report.problems.append(f"{where}: not valid JSON ({error})")
+            report.add("unreadable", f"{where}: not valid JSON ({error})", record=seq)
             record, canonical = None, False
         if record is not None and not canonical:
-            report.problems.append(f"{where}: not in canonical form (edited)")
+            report.add("modified", f"{where}: not in canonical form (edited)", record=seq)
         if isinstance(record, dict):
-            if record.get("seq") != seq:
-                report.problems.append(f"{where}: sequence number {record.get('seq')} where {seq} belongs "
-                                       "(a record was dropped, replayed or moved)")
+            found = record.get("seq")
+            if found != seq:
+                what = (f"records {seq}-{found - 1} missing before it" if isinstance(found, int) and found > seq
+                        else f"it repeats or moves record {found}")
+                report.add("sequence", f"{where}: holds record {found} where record {seq} belongs ({what})",
+                           record=seq, found=found if isinstance(found, int) else None)
             if record.get("prev") != previous:
-                report.problems.append(f"{where}: hash chain broken (the record before it was changed, "
-                                       "dropped or reordered)")
+                report.add("chain", f"{where}: hash chain broken (the record before it was changed, dropped or "
+                           "reordered)", record=seq)
         previous = sha256_hex(line)
     report.records = len(lines)
     return [leaf_hash(line) for line in lines]
 
 
-def _check_checkpoint(cp: Checkpoint, roots: list[bytes], key: Ed25519PublicKey, where: str, report: Verification) -> None:
+def _check_checkpoint(
+    cp: Checkpoint, roots: list[bytes], key: Ed25519PublicKey, where: str, report: Verification,
+    holder: str | None = None,
+) -> None:
     """``roots[k]`` is the Merkle root of the first k records."""
+    at = {"checkpoint": cp.tree_size, "holder": holder}
     if not cp.verify(key):
-        report.problems.append(f"{where}: bad signature (wrong key, or the checkpoint was edited)")
+        report.add("signature", f"{where}: bad signature (wrong key, or the checkpoint was edited)", **at)
     if cp.key_id != key_id(key):
-        report.problems.append(f"{where}: signed by key {cp.key_id}, verifying with {key_id(key)}")
+        report.add("key", f"{where}: signed by key {cp.key_id}, verifying with {key_id(key)}", **at)
     if cp.tree_size >= len(roots):
-        report.problems.append(f"{where}: commits to {cp.tree_size} records but the log holds "
-                               f"{len(roots) - 1} (records were removed)")
+        report.add("size", f"{where}: commits to {cp.tree_size} records but the log holds "
+                   f"{len(roots) - 1} (records were removed)", **at)
     elif roots[cp.tree_size].hex() != cp.root:
-        report.problems.append(f"{where}: Merkle root over the first {cp.tree_size} records differs "
-                               "(records were changed or rewritten)")
+        report.add("root", f"{where}: Merkle root over the first {cp.tree_size} records differs "
+                   "(records were changed or rewritten)", **at)
 
 
 def _parse_checkpoints(lines: list[bytes], report: Verification) -> list[Checkpoint]:
@@ -93,7 +190,7 @@ def _parse_checkpoints(lines: list[bytes], report: Verification) -> list[Checkpo
         try:
             checkpoints.append(Checkpoint.from_json(line.decode()))
         except (ValueError, UnicodeDecodeError) as error:
-            report.problems.append(f"{CHECKPOINT_FILE} line {number}: unreadable ({error})")
+            report.add("signature", f"{CHECKPOINT_FILE} line {number}: unreadable ({error})")
     return checkpoints
 
 
@@ -113,7 +210,7 @@ def verify_log(
     if public_key is None:
         key_path = folder / PUBLIC_KEY_FILE
         if not key_path.exists():
-            report.problems.append(f"{PUBLIC_KEY_FILE} is missing and no key was given")
+            report.add("missing-file", f"{PUBLIC_KEY_FILE} is missing and no key was given")
             return report
         public_key = load_public_key(key_path.read_bytes())
     leaves = _check_records(_read_lines(folder / LOG_FILE, report), report)
@@ -121,18 +218,19 @@ def verify_log(
     report.checkpoints = len(checkpoints)
     sizes = [cp.tree_size for cp in checkpoints]
     if sizes != sorted(set(sizes)):
-        report.problems.append(f"{CHECKPOINT_FILE}: tree sizes do not grow one append at a time ({sizes[:8]}...)")
+        report.add("order", f"{CHECKPOINT_FILE}: tree sizes do not grow one append at a time ({sizes[:8]}...)")
     roots = [EMPTY_ROOT, *prefix_roots(leaves)]
     for number, cp in enumerate(checkpoints, start=1):
         _check_checkpoint(cp, roots, public_key, f"{CHECKPOINT_FILE} line {number}", report)
     if not checkpoints and leaves:
-        report.problems.append("the log has records but no signed checkpoint")
+        report.add("no-checkpoint", "the log has records but no signed checkpoint")
     elif checkpoints and checkpoints[-1].tree_size < len(leaves):
         report.warnings.append(f"{len(leaves) - checkpoints[-1].tree_size} record(s) after the last "
                                "checkpoint (a crash between append and checkpoint)")
     for hospital, kept in (hospital_checkpoints or {}).items():
         for cp in kept:
-            _check_checkpoint(cp, roots, public_key, f"checkpoint kept by {hospital} (size {cp.tree_size})", report)
+            _check_checkpoint(cp, roots, public_key, f"checkpoint kept by {hospital} (size {cp.tree_size})", report,
+                              holder=hospital)
     return report
 
 

@@ -94,9 +94,9 @@ class GuardConfig(BaseModel):
     )
     direction_window: int = Field(4, ge=1, le=50, description="direction: rounds whose evidence is pooled")
     direction_wobble: float = Field(
-        0.05, ge=0.0, le=1.0,
-        description="direction: an honest update's round-to-round cosine wobble, added in quadrature to the "
-        "references' error",
+        0.13, ge=0.0, le=1.0,
+        description="direction: how much an honest update's cosine with the reference training wobbles from round "
+        "to round (the spread of its round-to-round changes over sqrt 2), added in quadrature to the references' error",
     )
     min_clients: int = Field(
         3, ge=3,

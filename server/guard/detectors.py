@@ -34,6 +34,10 @@ from server.guard.maths import (
 )
 
 
+# The node of the dependency graph standing for the other hospitals' statistics.
+CONSENSUS = "others' statistics"
+
+
 class Detector(ABC):
     name: ClassVar[str]
     question: ClassVar[str]  # what it asks, for reports
@@ -45,8 +49,10 @@ class Detector(ABC):
     @abstractmethod
     def inspect(self, view: RoundView, config: GuardConfig) -> list[Finding]: ...
 
-    def _findings(self, view: RoundView, values, flagged, threshold: float, reasons) -> list[Finding]:
-        return [Finding(self.name, client, bool(f), float(v), threshold, reason)
+    def _findings(self, view: RoundView, values, flagged, threshold: float, reasons, *,
+                  source: str | None = None) -> list[Finding]:
+        """One finding per client; ``source`` names what a flagged update was computed from."""
+        return [Finding(self.name, client, bool(f), float(v), threshold, reason, source=source if f else None)
                 for client, v, f, reason in zip(view.clients, values, flagged, reasons)]
 
 
@@ -110,17 +116,18 @@ class Copy(Detector):
         now = pairwise_distances(view.sketches) / np.maximum(np.maximum.outer(lengths, lengths), 1e-300)
         np.fill_diagonal(now, np.inf)
         values, partners, replayed = np.full(n, np.inf), [""] * n, np.zeros(n, dtype=bool)
+        sources: list[str | None] = [None] * n
         for i, client in enumerate(view.clients):
             if n >= 2:
                 j = int(np.argmin(now[i]))
-                values[i], partners[i] = now[i, j], f"{view.clients[j]}'s update this round"
+                values[i], partners[i], sources[i] = now[i, j], f"{view.clients[j]}'s update this round", view.clients[j]
             for other, sketch in view.memory.previous.items():
                 if other == client:
                     continue
                 distance = float(np.linalg.norm(view.sketches[i] - sketch)) / max(lengths[i], np.linalg.norm(sketch), 1e-300)
                 if distance < values[i]:
                     values[i], partners[i] = distance, f"{other}'s update of round {view.memory.previous_round}"
-                    replayed[i] = True
+                    replayed[i], sources[i] = True, f"{other} (round {view.memory.previous_round})"
         flagged, weights = replayed & (values < config.copy_distance), np.ones(n)
         for group in _copy_groups(now < config.copy_distance):
             continuity = np.sort([_continuity(view, i, config) for i in group])[::-1]
@@ -132,8 +139,9 @@ class Copy(Detector):
         reasons = [f"{v:.3f} of its length from {p} (a copy below {config.copy_distance:g})"
                    + (f"; cannot tell who copied whom: counted once (x{w:.2g})" if w < 1 else "")
                    if p else "no other update" for v, p, w in zip(values, partners, weights)]
-        return [Finding(self.name, c, bool(f), float(v), config.copy_distance, r, float(w))
-                for c, v, f, r, w in zip(view.clients, values, flagged, reasons, weights)]
+        close = values < config.copy_distance
+        return [Finding(self.name, c, bool(f), float(v), config.copy_distance, r, float(w), s if near else None)
+                for c, v, f, r, w, s, near in zip(view.clients, values, flagged, reasons, weights, sources, close)]
 
 
 def _copy_groups(close: np.ndarray) -> list[list[int]]:
@@ -177,7 +185,8 @@ class Mirror(Detector):
                            for i in range(len(view.clients))])
         reasons = [f"cosine {v:+.2f} with the others' mean update (their consensus reversed at or below "
                    f"-{config.mirror_cosine:g})" for v in values]
-        return self._findings(view, values, values <= -config.mirror_cosine, -config.mirror_cosine, reasons)
+        return self._findings(view, values, values <= -config.mirror_cosine, -config.mirror_cosine, reasons,
+                              source=CONSENSUS)
 
 
 class Crafted(Detector):
@@ -193,7 +202,8 @@ class Crafted(Detector):
         reasons = [f"departs from the others' mean by the same number of their standard deviations at nearly "
                    f"every coordinate (regularity {v:.1f}; crafted at or above {config.crafted_regularity:g})"
                    for v in values]
-        return self._findings(view, values, values >= config.crafted_regularity, config.crafted_regularity, reasons)
+        return self._findings(view, values, values >= config.crafted_regularity, config.crafted_regularity, reasons,
+                              source=CONSENSUS)
 
 
 class Reversal(Detector):

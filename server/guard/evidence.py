@@ -53,11 +53,12 @@ class Finding:
     threshold: float
     reason: str  # one line, for people
     weight: float = 1.0  # the share of its update this finding lets count (copies count once)
+    source: str | None = None  # what its update was computed from, when the finding says so (an edge)
 
     def as_dict(self) -> dict[str, Any]:
         value = self.value if math.isfinite(self.value) else None
         return {"detector": self.detector, "flagged": self.flagged, "value": value,
-                "threshold": self.threshold, "reason": self.reason, "weight": self.weight}
+                "threshold": self.threshold, "reason": self.reason, "weight": self.weight, "source": self.source}
 
 
 @dataclass

@@ -48,9 +48,16 @@ class RoundJudgement:
     def excluded(self) -> list[str]:
         return [v.client for v in self.verdicts if v.excluded]
 
+    @property
+    def edges(self) -> list[dict[str, str]]:
+        """The dependency graph's edges this round: which update was computed from what."""
+        return [{"from": f.source, "to": v.client, "detector": f.detector}
+                for v in self.verdicts for f in v.findings if f.source is not None]
+
     def as_dict(self) -> dict[str, Any]:
         return {"round": self.server_round, "excluded": self.excluded, "detectors": self.detectors,
-                "median_update_length": self.median_norm, "verdicts": [v.as_dict() for v in self.verdicts]}
+                "median_update_length": self.median_norm, "edges": self.edges,
+                "verdicts": [v.as_dict() for v in self.verdicts]}
 
 
 @dataclass
