@@ -79,6 +79,7 @@ def _round_setup(message: Message, site: SiteData, context: Context):
         instructions.objective,
         instructions.params(),
         server_round=instructions.server_round,
+        num_rounds=instructions.num_rounds,
         federation=federation_statistics(config),
     )
     return instructions, objective, _global_model(message, site, objective, context)

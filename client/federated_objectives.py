@@ -141,8 +141,8 @@ class FedProx(Objective):
     name = "fedprox"
     Params = ProxParams
 
-    def __init__(self, params, *, server_round, federation=None) -> None:
-        super().__init__(params, server_round=server_round, federation=federation)
+    def __init__(self, params, *, server_round, num_rounds=None, federation=None) -> None:
+        super().__init__(params, server_round=server_round, num_rounds=num_rounds, federation=federation)
         self._anchor: list[torch.Tensor] | None = None
 
     def loss(self, model, images, labels, strata=None):

@@ -36,10 +36,12 @@ class Objective(ABC):
     needs_strata: ClassVar[bool] = False
 
     def __init__(
-        self, params: ObjectiveParams, *, server_round: int, federation: dict[str, np.ndarray] | None = None
+        self, params: ObjectiveParams, *, server_round: int, num_rounds: int | None = None,
+        federation: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.params = params
         self.server_round = server_round
+        self.num_rounds = num_rounds  # the federation's planned rounds (None: not known here)
         # Cross-hospital statistics the server broadcast this round (e.g. the mean risk).
         self.federation = federation or {}
 
@@ -264,9 +266,11 @@ def check_training(training: TrainingConfig, data: DataConfig) -> None:
 
 
 def build_objective(
-    name: str, params: dict[str, Any], *, server_round: int, federation: dict[str, np.ndarray] | None = None
+    name: str, params: dict[str, Any], *, server_round: int, num_rounds: int | None = None,
+    federation: dict[str, np.ndarray] | None = None,
 ) -> Objective:
-    return OBJECTIVES[name](validate_objective(name, params), server_round=server_round, federation=federation)
+    return OBJECTIVES[name](validate_objective(name, params), server_round=server_round, num_rounds=num_rounds,
+                            federation=federation)
 
 
 

@@ -26,7 +26,8 @@ BASIS = "spurious-basis"
 
 
 class SubspaceParams(ObjectiveParams):
-    warmup_rounds: int = Field(10, ge=1, description="rounds of plain training that learn the features first")
+    warmup: float = Field(0.8, gt=0.0, lt=1.0, description="the share of the federation's rounds spent on plain "
+                          "training, which learns the features, before the head is retrained off the shortcut")
     directions: int = Field(3, ge=0, description="directions of hospital-varying class separation removed (at most "
                             "one fewer than the training hospitals)")
     head_speedup: float = Field(10.0, ge=1.0, description="the head alone, on frozen features (a convex problem), "
@@ -68,11 +69,16 @@ class _Subspace(Objective):
     architecture = "projected"
 
     @property
+    def feature_rounds(self) -> int:
+        """Rounds of plain training before the features are frozen."""
+        return max(1, round(self.params.warmup * (self.num_rounds or 20)))
+
+    @property
     def warmup_rounds(self) -> int:
-        return self.params.warmup_rounds + 1  # the first round after it trains the head unprojected
+        return self.feature_rounds + 1  # the first round after it trains the head before any projection
 
     def frozen(self) -> bool:
-        return self.server_round > self.params.warmup_rounds
+        return self.server_round > self.feature_rounds
 
     def statistics(self, model, images, labels, strata=None):
         with torch.no_grad():

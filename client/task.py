@@ -32,7 +32,8 @@ def train_as_instructed(model: nn.Module, split: Split, instructions: TrainInstr
     what a hospital does, and what the server's reference trainings repeat."""
     from client.objectives import build_objective
 
-    objective = build_objective(instructions.objective, instructions.params(), server_round=instructions.server_round)
+    objective = build_objective(instructions.objective, instructions.params(), server_round=instructions.server_round,
+                                num_rounds=instructions.num_rounds)
     return train_locally(model, split, objective, epochs=instructions.local_epochs, batch_size=instructions.batch_size,
                          learning_rate=instructions.learning_rate, weight_decay=instructions.weight_decay, seed=seed)
 

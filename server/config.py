@@ -33,7 +33,8 @@ class FederationConfig(Strict):
     num_rounds: int = Field(20, ge=1, le=10_000)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     engine: Literal["ray", "inprocess"] = Field(
-        "ray", description="'ray': Flower's simulation engine; 'inprocess': the same apps without Ray (quick runs)"
+        "inprocess", description="'inprocess': the ServerApp and ClientApps exchange messages through an in-process "
+        "Grid (fast; attacks and late joiners need it); 'ray': Flower's simulation engine (docs/simulation.md)"
     )
     round_timeout_s: float = Field(600.0, gt=0.0)
     evaluate_every: int = Field(

@@ -44,7 +44,8 @@ def run_pooled(scenario: Scenario, *, model_path: Path | None = None) -> dict:
     model = model_for(scenario.training.objective, input_shape=pooled.input_shape, seed=scenario.seed)
     rounds = []
     for server_round in range(1, scenario.federation.num_rounds + 1):
-        objective = build_objective(training.objective, training.objective_params, server_round=server_round)
+        objective = build_objective(training.objective, training.objective_params, server_round=server_round,
+                                    num_rounds=scenario.federation.num_rounds)
         train_locally(
             model, pooled, objective,
             epochs=training.local_epochs, batch_size=training.batch_size, learning_rate=training.learning_rate,
@@ -60,7 +61,8 @@ def run_pooled(scenario: Scenario, *, model_path: Path | None = None) -> dict:
         rounds.append({"round": server_round, "sites": metrics})
     if model_path is not None:
         torch.save(model.state_dict(), model_path)
-    warmup = build_objective(training.objective, training.objective_params, server_round=1).warmup_rounds
+    warmup = build_objective(training.objective, training.objective_params, server_round=1,
+                             num_rounds=scenario.federation.num_rounds).warmup_rounds
     meta = {"scenario": scenario.name, "engine": "pooled", "warmup-rounds": warmup,
             "seconds": round(time.monotonic() - started, 1)}
     return {"meta": meta, "rounds": rounds}
