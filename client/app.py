@@ -22,7 +22,24 @@ from client.privacy import (
     train_privately,
 )
 from client.sites import BudgetSource, SiteSource, budget_from_node_config, site_from_node_config
-from client.task import evaluate, feature_moments, load_numpy_state, new_model, split_strata, train_locally
+from client.task import (
+    evaluate,
+    feature_moments,
+    load_numpy_state,
+    new_model,
+    predict_logits,
+    split_strata,
+    train_locally,
+)
+from common.calibration import (
+    CALIBRATIONS,
+    Decisions,
+    hospital_posteriors,
+    log_loss_per_calibration,
+    logit,
+    mlls_prevalence,
+    sensitivity_at_specificity,
+)
 from common.data import SiteData
 from common.protocol import (
     ARRAYS_KEY,
@@ -204,10 +221,43 @@ def handle_evaluate(message: Message, site: SiteData, context: Context) -> Recor
     for split in EVAL_SPLITS:
         for name, value in evaluate(model, site.split(split), objective, logit_offset=offset).items():
             metrics[eval_metric_key(split, name)] = value
+    for key, value in calibrated_decisions(model, site, instructions.federation_prevalence).items():
+        metrics[key] = value
     content = RecordDict({METRICS_KEY: metrics})
     if _reports_feature_moments(instructions, site):
         content[FEATURE_MOMENTS_KEY] = ConfigRecord(feature_moments(model, site.train.images).to_record())
     return content
+
+
+def calibrated_decisions(model, site: SiteData, federation_prevalence: float) -> dict[str, float | list[float]]:
+    """What the server needs to calibrate this round's model and read off this hospital's
+    decisions: for every (scale, bias) of ``common.calibration.CALIBRATIONS``, the
+    validation log-loss under this hospital's prevalence, and the test decisions (accuracy,
+    balanced accuracy, ECE) at the prevalence it knows (its training labels) or, where it
+    has none (a held-out hospital), estimates from its unlabeled images. Aggregates only."""
+    test_logits = predict_logits(model, site.test.images)
+    val_logits = predict_logits(model, site.val.images)
+    labelled = site.role == "train" and len(site.train) > 0
+    known = (int(site.train.labels.sum()) + 1) / (len(site.train) + 2)
+    unlabeled = np.concatenate([val_logits, test_logits])
+    grids: dict[str, list[float]] = {"prevalence-grid": [], "test-accuracy-grid": [],
+                                     "test-balanced-accuracy-grid": [], "test-ece-grid": []}
+    for calibration in CALIBRATIONS:
+        at_federation = hospital_posteriors(unlabeled, calibration=calibration, prevalence=federation_prevalence,
+                                            federation_prevalence=federation_prevalence)
+        prevalence = known if labelled else mlls_prevalence(at_federation, source_prevalence=federation_prevalence)
+        decisions = Decisions.of(hospital_posteriors(test_logits, calibration=calibration, prevalence=prevalence,
+                                                     federation_prevalence=federation_prevalence), site.test.labels)
+        grids["prevalence-grid"].append(prevalence)
+        grids["test-accuracy-grid"].append(decisions.accuracy)
+        grids["test-balanced-accuracy-grid"].append(decisions.balanced_accuracy)
+        grids["test-ece-grid"].append(decisions.ece)
+    shift = logit(known) - logit(federation_prevalence) if labelled else 0.0
+    return grids | {
+        "val-nll-grid": log_loss_per_calibration(val_logits, site.val.labels, shift=shift).tolist(),
+        "test-sens-at-90-spec": sensitivity_at_specificity(test_logits, site.test.labels),
+        "prevalence-estimated": float(not labelled),
+    }
 
 
 def _reports_feature_moments(instructions: TrainInstructions, site: SiteData) -> bool:

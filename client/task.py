@@ -118,6 +118,15 @@ def run_updates(
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
+    """The model's logits (float64)."""
+    model.eval()
+    tensor = torch.as_tensor(images, dtype=torch.float32)
+    outputs = [model(tensor[i : i + batch_size]) for i in range(0, len(tensor), batch_size)]
+    return torch.cat(outputs).double().numpy() if outputs else np.zeros(0)
+
+
+@torch.no_grad()
 def predict_scores(
     model: nn.Module, images: np.ndarray, *, batch_size: int = 512, logit_offset: float = 0.0
 ) -> np.ndarray:

@@ -29,6 +29,11 @@ from server.strategy import aggregation_options, strategy_class
 from server.training import ServerTrainer
 
 
+# Beside model.pt: the final model's calibration and the federation's prevalence, what a
+# new hospital needs to read the model's scores as its own posteriors (`causalfed adapt`).
+CALIBRATION_FILE = "calibration.json"
+
+
 class FederationError(RuntimeError):
     """The federation cannot proceed (missing hospitals, unusable replies)."""
 
@@ -184,6 +189,9 @@ def run_federation(
     if model_path is not None:
         torch.save(result.arrays.to_torch_state_dict(), model_path)
         moments_sha256 = _save_feature_moments(strategy, model_path.with_name(FEATURE_MOMENTS_FILE))
+        atomic_write_text(model_path.with_name(CALIBRATION_FILE), json.dumps(
+            {"calibration": strategy.calibration, "federation_prevalence": prevalence}, indent=1))
+    history.meta["federation-prevalence"] = prevalence
     if auditor is not None:
         end = auditor.end_run(rounds=len(history.rounds), final_arrays=result.arrays,
                               feature_moments_sha256=moments_sha256)

@@ -19,6 +19,7 @@ from flwr.serverapp import strategy as strategies
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from common.calibration import CALIBRATIONS
 from common.feature_shift import FeatureMoments, pool_moments
 from common.protocol import (
     BUDGET_SPENT_METRIC,
@@ -79,6 +80,7 @@ class CausalFedAvg(FedAvg):
         self.objective = objective  # whose combine() turns hospitals' statistics into the broadcast
         self.seed = seed
         self._round_started: float | None = None
+        self.calibration: tuple[float, float] | None = None  # the last evaluated model's (scale, bias)
         self.federation_stats: dict[str, np.ndarray] = {}  # broadcast to every hospital next round
         self.profiles = profiles
         self.train_nodes = sorted(train_nodes)
@@ -156,8 +158,30 @@ class CausalFedAvg(FedAvg):
             if profile is None or reply.has_error():
                 continue
             metrics: MetricRecord = reply.content.metric_records[METRICS_KEY]
-            values = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
+            values = {k: float(v) for k, v in metrics.items() if k != "num-examples" and not isinstance(v, list)}
             self.history.record(server_round, profile.site, {"role": profile.role, **values})
+
+    def _record_calibration(self, server_round: int, replies: list[Message]) -> None:
+        """The round's calibration (scale, bias), fitted on the training hospitals'
+        validation log-loss summed over them, and every hospital's decisions under it at its
+        own (known or estimated) prevalence."""
+        usable = [r for r in replies if not r.has_error() and "val-nll-grid" in r.content.metric_records[METRICS_KEY]]
+        training = [r for r in usable if self.profiles.get(r.metadata.src_node_id, None) is not None
+                    and self.profiles[r.metadata.src_node_id].role == "train"]
+        if not training:
+            return
+        losses = np.sum([np.asarray(r.content.metric_records[METRICS_KEY]["val-nll-grid"]) for r in training], axis=0)
+        chosen = int(np.argmin(losses))
+        self.calibration = CALIBRATIONS[chosen]
+        for reply in usable:
+            metrics = reply.content.metric_records[METRICS_KEY]
+            self.history.record(server_round, self._site(reply), {
+                "calibration-scale": self.calibration[0], "calibration-bias": self.calibration[1],
+                "prevalence-used": float(metrics["prevalence-grid"][chosen]),
+                "test-cal-accuracy": float(metrics["test-accuracy-grid"][chosen]),
+                "test-cal-balanced-accuracy": float(metrics["test-balanced-accuracy-grid"][chosen]),
+                "test-cal-ece": float(metrics["test-ece-grid"][chosen]),
+            })
 
     def _broadcast_statistics(self, config: ConfigRecord) -> None:
         for key, value in self.federation_stats.items():
@@ -279,6 +303,7 @@ class CausalFedAvg(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         self._record_replies(server_round, replies)
+        self._record_calibration(server_round, replies)
         self._pool_feature_moments(replies)
         self.history.close_round(server_round)
         if self.auditor is not None:

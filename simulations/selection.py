@@ -34,6 +34,7 @@ def round_summary(round_entry: dict[str, Any]) -> dict[str, float]:
     train = _sites(round_entry, "train")
     heldout = _sites(round_entry, "heldout")
     train_test = [m.get("test-auroc") for m in train.values()]
+    every = [m.get("test-auroc") for m in round_entry["sites"].values()]
     return {
         "round": round_entry["round"],
         "train-val-auroc": _mean([m.get("val-auroc") for m in train.values()]),
@@ -41,6 +42,13 @@ def round_summary(round_entry: dict[str, Any]) -> dict[str, float]:
         "iid-auroc": _mean(train_test),
         "ood-auroc": _mean([m.get("test-auroc") for m in heldout.values()]),
         "worst-train-site-auroc": min((v for v in train_test if v is not None), default=math.nan),
+        "worst-site-auroc": min((v for v in every if v is not None and math.isfinite(v)), default=math.nan),
+        # Decisions at the held-out hospitals: calibrated on training validation, at their estimated prevalence.
+        "ood-accuracy": _mean([m.get("test-cal-accuracy") for m in heldout.values()]),
+        "ood-balanced-accuracy": _mean([m.get("test-cal-balanced-accuracy") for m in heldout.values()]),
+        "ood-ece": _mean([m.get("test-cal-ece") for m in heldout.values()]),
+        "ood-sensitivity-at-90-specificity": _mean([m.get("test-sens-at-90-spec") for m in heldout.values()]),
+        "ood-prevalence-used": _mean([m.get("prevalence-used") for m in heldout.values()]),
     }
 
 

@@ -109,9 +109,10 @@ def test_selection_never_uses_the_heldout_site():
 
 
 def test_simulate_command_with_flower_simulation_engine(tmp_path):
-    """The README's user command, shortened: Ray engine, 2 rounds, report written."""
+    """The README's user command, shortened: Flower's Ray engine, 2 rounds, report written."""
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "simulate", "--rounds", "2", "--out", str(tmp_path)],
+        [sys.executable, "-m", "cli", "simulate", "--rounds", "2", "--engine", "ray", "--no-baseline",
+         "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -120,16 +121,17 @@ def test_simulate_command_with_flower_simulation_engine(tmp_path):
     assert metrics["meta"]["engine"] == "ray"
     assert len(metrics["rounds"]) == 2 and len(metrics["rounds"][-1]["sites"]) == 5
     report = (run_dir / "report.html").read_text()
-    assert "hospital-X" in report and "o.o.d." in report and "data:image/png;base64" in report
+    assert "hospital-X" in report and "Verdict" in report and "data:image/png;base64" in report
     assert (run_dir / "feature-moments.json").is_file() and "shift from the pool" in report
-    assert "o.o.d." in result.stdout
+    assert "held-out AUROC" in result.stdout and "run_simulation` function is deprecated" not in \
+        (run_dir / "flower.log").read_text()
     assert "provenance log: 4 records, verified" in result.stdout
     verify = [sys.executable, "-m", "cli", "log", "verify", str(run_dir)]
     assert subprocess.run(verify, cwd=REPO, capture_output=True, timeout=120).returncode == 0
     log_file = run_dir / "provenance" / "log.jsonl"
     log_file.write_text(log_file.read_text().replace('"round":1', '"round":7', 1))
     tampered = subprocess.run(verify, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert tampered.returncode == 1 and "TAMPERED" in tampered.stdout
+    assert tampered.returncode == 1 and "TAMPERED: record 1 modified" in tampered.stdout
 
 
 def test_simulate_reports_bad_config_plainly(tmp_path):
@@ -140,8 +142,9 @@ def test_simulate_reports_bad_config_plainly(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert "invalid scenario" in result.stdout and "data.sites" in result.stdout
+    assert "invalid scenario" in result.stderr and "data.sites" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # refused before any run folder
 
 
 def test_every_round_lands_in_the_signed_log_and_at_every_hospital(small_scenario, tmp_path):
