@@ -102,7 +102,7 @@ def main() -> None:
             decision = f"{after['adapt']:.3f}" if result.adapted else "left"
             print(f"{seed:>4} {str(acquisition):<62}{reference_auroc:>8.3f}{before:>8.3f}{result.shift:>8.3f}"
                   f"{decision:>8}{after['adapt'] - before:>+8.3f}{after['always']:>8.3f}{after['always'] - before:>+8.3f}"
-                  f"{result.prevalence_estimate:>9.3f}", flush=True)
+                  f"{result.prevalence.value:>9.3f}", flush=True)
     print()
     _summary("adapt (shift-checked)", gains["adapt"], repaired["adapt"])
     _summary("always adapt", gains["always"], repaired["always"])

@@ -22,7 +22,8 @@ Parts (``--part``):
   within 2 rounds of starting; the honest AUROC gap is to FedAvg trained without the
   attackers' hospitals (the oracle); "added" is the backdoor success the attack added
   over the oracle model (``simulations.attacks.trigger_flip_rate``).
-- ``sizes``: the held-out attack families with 5, 20 and 50 hospitals (guard and FedAvg).
+- ``sizes``: held-out attack families (``SIZE_FAMILIES``: one per kind of white-box attack,
+  for time) with 5, 20 and 50 hospitals (guard and FedAvg).
 - ``benign``: no attacker; every benign case at 5, 10, 20 and 50 hospitals; the guard's
   exclusions (the target is none), its shortenings, and each affected hospital's AUROC
   against FedAvg's.
@@ -63,6 +64,7 @@ REFERENCE_CASES = 200
 TUNING_ATTACKS = ("sign-flip", "gaussian", "label-flip", "backdoor", "alie", "free-rider")
 HELDOUT_ATTACKS = ("ipm", "min-max", "colluding-pair", "norm-matched-backdoor", "direction-matched-backdoor",
                    "split-backdoor", "sleeper", "replay", "mimic", "slow-drift", "crafted-orthogonal")
+SIZE_FAMILIES = ("ipm", "replay", "sleeper", "norm-matched-backdoor", "crafted-orthogonal")
 BACKDOORS = ("backdoor", "norm-matched-backdoor", "direction-matched-backdoor", "split-backdoor")
 START_ROUND = {"sleeper": 4}  # when an attack strikes (default: round 1)
 RULES = ("guard", "guard+reference", "fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "fltrust",
@@ -407,7 +409,8 @@ def main() -> None:
         if part == "attacks":
             part_attacks(args.phase, out, tuple(args.rules), (10,), families)
         elif part == "sizes":
-            part_attacks(args.phase, out, ("guard", "fedavg"), tuple(s for s in SIZES[args.phase] if s != 10), families)
+            sized = tuple(f for f in families if f in SIZE_FAMILIES) if args.phase == "heldout" else families
+            part_attacks(args.phase, out, ("guard", "fedavg"), tuple(s for s in SIZES[args.phase] if s != 10), sized)
         elif part == "benign":
             part_benign(args.phase, out)
         elif part == "cost":

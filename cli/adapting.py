@@ -23,13 +23,18 @@ def _reference_moments(model_path: Path, explicit: Path | None):
     return FeatureMoments.load(beside) if beside.is_file() else None
 
 
-def _run_prevalence(model_path: Path) -> float | None:
-    """The federation's prevalence, from the run's metrics beside the model (if any)."""
-    metrics = model_path.with_name("metrics.json")
-    if not metrics.is_file():
-        return None
-    value = json.loads(metrics.read_text()).get("meta", {}).get("federation-prevalence")
-    return float(value) if value is not None else None
+def _run_calibration(model_path: Path) -> tuple[tuple[float, float] | None, float | None]:
+    """The model's calibration and the federation's prevalence, from calibration.json
+    beside it (None, None without one)."""
+    path = model_path.with_name("calibration.json")
+    if not path.is_file():
+        return None, None
+    try:
+        saved = json.loads(path.read_text())
+        calibration = tuple(float(v) for v in saved["calibration"]) if saved.get("calibration") else None
+        return calibration, float(saved["federation_prevalence"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: not a calibration written by causalfed") from None
 
 
 def _load_model(model_path: Path, input_shape):
@@ -61,23 +66,30 @@ def run_adapt(model_path: Path, site_file: Path, *, out: Path, source_prevalence
         raise UserError(str(error)) from None
     model = _load_model(model_path, site.train.input_shape)
     moments = None if always else _reference_moments(model_path, reference)
-    prevalence = source_prevalence if source_prevalence is not None else _run_prevalence(model_path)
+    calibration, run_prevalence = _run_calibration(model_path)
+    prevalence = source_prevalence if source_prevalence is not None else run_prevalence
     images = np.concatenate([site.train.images, site.val.images, site.test.images])
     before = evaluate(model, site.test)["auroc"] if len(set(site.test.labels)) == 2 else None
     if moments is None and not always:
         console.print("[yellow]no federation feature moments beside the model: adapting without the shift check[/yellow]")
     try:
-        result = onboard(model, images, reference=moments, min_shift=min_shift,
+        result = onboard(model, images, reference=moments, min_shift=min_shift, calibration=calibration,
                          source_prevalence=prevalence if prevalence is not None else 0.5, epochs=epochs)
     except ValueError as error:  # e.g. moments of another model
         raise UserError(f"--reference: {error}") from None
     torch.save(model.state_dict(), out)
     if result.shift is not None:
         console.print(f"feature shift from the federation: {result.shift:.3f} (adapt at >= {min_shift:g})")
+    estimate = result.prevalence
+    if estimate.fallback:
+        console.print(f"[yellow]prevalence: the federation's {estimate.value:.3f} is used, because "
+                      f"{estimate.fallback}[/yellow]")
+    else:
+        console.print(f"estimated prevalence {estimate.value:.3f} ({estimate.method})")
     if not result.adapted:
         console.print(f"left unchanged: the model sees these images as it saw the federation's; model copied to {out}")
     else:
-        console.print(f"estimated prevalence {result.prevalence_estimate:.3f}; mean prediction entropy "
-                      f"{result.mean_entropy_before:.3f} -> {result.mean_entropy_after:.3f}; adapted model: {out}")
+        console.print(f"mean prediction entropy {result.mean_entropy_before:.3f} -> {result.mean_entropy_after:.3f}; "
+                      f"adapted model: {out}")
     if before is not None:  # labels, if the file has them, only score the result
         console.print(f"test AUROC (labels used for scoring only): {before:.3f} -> {evaluate(model, site.test)['auroc']:.3f}")

@@ -9,30 +9,39 @@ from rich.table import Table
 
 from cli.output import console
 
+NAMES = {"auroc": "AUROC", "error": "error rate at its threshold", "log-loss": "log-loss"}
+
 
 def run_explain(run_dir: Path, scenario, site: str) -> None:
     import torch
 
     from client.models import model_for_state
     from common.files import atomic_write_text
-    from server.explain import MECHANISMS, explain_drop
+    from server.explain import MECHANISMS, explain_change
     from simulations.datasets import build_site, input_shape
 
     model = model_for_state(torch.load(run_dir / "model.pt"), input_shape=input_shape(scenario.data))
+    calibration = (1.0, 0.0)
+    saved = run_dir / "calibration.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("calibration"):
+        calibration = tuple(json.loads(saved.read_text())["calibration"])
     hospitals = [build_site(scenario, i) for i in range(len(scenario.data.sites))]
     sources = [(h.test.images, h.test.labels) for h in hospitals if h.role == "train" and h.name != site]
     target = next(h for h in hospitals if h.name == site)
-    results = explain_drop(model, sources, (target.test.images, target.test.labels))
-    table = Table(title=f"{site}: change from the training hospitals, by mechanism (Shapley)")
-    for column in ("metric", "training sites", site, "explained", *MECHANISMS, "outside source support"):
+    explanation = explain_change(model, sources, (target.test.images, target.test.labels), calibration=calibration)
+    table = Table(title=f"{site}: change from the training hospitals, by mechanism (Shapley, 90% bootstrap intervals)")
+    for column in ("measure", "training sites", site, *MECHANISMS, "leads", "outside source support"):
         table.add_column(column)
-    for result in results:
-        table.add_row(
-            result.metric, f"{result.source_loss:.3f}", f"{result.target_loss:.3f}", f"{result.reweighted_loss:.3f}",
-            *(f"{result.shares[m]:+.3f}" for m in MECHANISMS), f"{result.target_loss - result.reweighted_loss:+.3f}",
-        )
+    for a in explanation.attributions:
+        cells = [f"{a.shares[m]:+.3f} [{a.intervals[m][0]:+.3f}, {a.intervals[m][1]:+.3f}]" for m in MECHANISMS]
+        table.add_row(NAMES[a.metric], f"{a.source:.3f}", f"{a.target:.3f}", *cells, a.leading, f"{a.outside:+.3f}")
     console.print(table)
-    console.print(f"largest share of the log-loss change: [bold]{results[0].dominant}[/bold]")
+    console.print("The shares add up to the change; 'outside source support' is how much of the acquisition's effect "
+                  "the training hospitals' cases could not show.")
+    check = explanation.prevalence
+    console.print(f"prevalence at {site}: {check.known:.3f} by its labels; from its images alone {check.mlls:.3f} (MLLS)"
+                  + (f", {check.bbse:.3f} (BBSE)" if check.bbse is not None else ""))
     out = run_dir / f"explain-{site}.json"
-    atomic_write_text(out, json.dumps([r.as_dict() for r in results], indent=1))
+    atomic_write_text(out, json.dumps({"attributions": [a.as_dict() for a in explanation.attributions],
+                                       "prevalence": vars(check)}, indent=1))
     console.print(f"written: {out}")

@@ -24,26 +24,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.task import feature_moments
+from client.task import feature_moments, predict_logits
+from common.calibration import estimated_prevalence, hospital_posteriors, mlls_prevalence
 from common.feature_shift import SMALL_EFFECT, FeatureMoments, standardised_shift
 
-PREVALENCE_RANGE = (0.05, 0.95)
+@dataclass(frozen=True)
+class PrevalenceEstimate:
+    """The new hospital's prevalence from its unlabeled images, and how it was had."""
+
+    value: float
+    method: str  # "MLLS on calibrated posteriors", or "federation's prevalence"
+    fallback: str | None = None  # why the federation's prevalence was used instead, if it was
 
 
-def em_prevalence(
-    probabilities: np.ndarray, *, source_prevalence: float, iterations: int = 100, tolerance: float = 1e-6
-) -> float:
-    """P(y=1) at the new hospital, from posteriors calibrated at ``source_prevalence``."""
-    p = np.clip(probabilities.astype(np.float64), 1e-6, 1 - 1e-6)
-    prevalence = source_prevalence
-    for _ in range(iterations):
-        up = prevalence / source_prevalence * p
-        down = (1 - prevalence) / (1 - source_prevalence) * (1 - p)
-        updated = float(np.mean(up / (up + down)))
-        if abs(updated - prevalence) < tolerance:
-            return updated
-        prevalence = updated
-    return prevalence
+def estimate_prevalence(
+    model: nn.Module, images: np.ndarray, *, calibration: tuple[float, float] | None, federation_prevalence: float,
+) -> PrevalenceEstimate:
+    """MLLS (EM, Saerens et al. 2002) on the model's posteriors, calibrated as the federation
+    calibrated them on its training hospitals' validation cases (``calibration.json``);
+    without a calibration, or when the estimate runs to a bound, the federation's
+    prevalence, with the reason."""
+    if calibration is None:
+        return PrevalenceEstimate(federation_prevalence, "federation's prevalence",
+                                  "no calibration of the model was found (calibration.json beside it)")
+    logits = predict_logits(model, images)
+    posteriors = hospital_posteriors(logits, calibration=calibration, prevalence=federation_prevalence,
+                                     federation_prevalence=federation_prevalence)
+    value, fallback = estimated_prevalence(posteriors, federation_prevalence=federation_prevalence)
+    if fallback is not None:
+        return PrevalenceEstimate(value, "federation's prevalence", fallback)
+    return PrevalenceEstimate(value, "MLLS on calibrated posteriors")
+
+
+def em_prevalence(probabilities: np.ndarray, *, source_prevalence: float) -> float:
+    """MLLS on posteriors calibrated at ``source_prevalence`` (``common.calibration``)."""
+    return mlls_prevalence(probabilities, source_prevalence=source_prevalence)
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -61,7 +76,7 @@ def prototype_pseudo_labels(features: torch.Tensor, probabilities: torch.Tensor)
 
 @dataclass(frozen=True)
 class AdaptationResult:
-    prevalence_estimate: float
+    prevalence: PrevalenceEstimate
     epochs: int
     mean_entropy_before: float
     mean_entropy_after: float
@@ -80,6 +95,7 @@ def adapt_features(
     images: np.ndarray,
     *,
     source_prevalence: float = 0.5,
+    calibration: tuple[float, float] | None = (1.0, 0.0),
     epochs: int = 10,
     batch_size: int = 128,
     learning_rate: float = 1e-4,
@@ -90,11 +106,8 @@ def adapt_features(
     """Adapt ``model.features`` in place to unlabeled ``images``; the head stays frozen."""
     inputs = torch.as_tensor(images, dtype=torch.float32)
     before = _probabilities(model, inputs)
-    prevalence = em_prevalence(before.numpy(), source_prevalence=source_prevalence)
-    # EM on posteriors the shift has miscalibrated runs to 0 or 1; then it says nothing,
-    # and the federation's prevalence is the better guess.
-    trusted = PREVALENCE_RANGE[0] < prevalence < PREVALENCE_RANGE[1]
-    target_balance = torch.tensor(prevalence if trusted else source_prevalence)
+    prevalence = estimate_prevalence(model, images, calibration=calibration, federation_prevalence=source_prevalence)
+    target_balance = torch.tensor(prevalence.value)
     for parameter in model.head.parameters():
         parameter.requires_grad_(False)
     optimizer = torch.optim.Adam(model.features.parameters(), lr=learning_rate)
@@ -142,8 +155,8 @@ def onboard(
     shift = standardised_shift(feature_moments(model, images), reference)
     if shift < min_shift:
         entropy = float(binary_entropy(_probabilities(model, torch.as_tensor(images, dtype=torch.float32))).mean())
-        # No estimate is made; the federation's prevalence stands, as it does when EM fails.
-        source = adapt_options.get("source_prevalence", 0.5)
-        return AdaptationResult(source, 0, entropy, entropy, shift=shift, adapted=False)
+        prevalence = estimate_prevalence(model, images, calibration=adapt_options.get("calibration", (1.0, 0.0)),
+                                         federation_prevalence=adapt_options.get("source_prevalence", 0.5))
+        return AdaptationResult(prevalence, 0, entropy, entropy, shift=shift, adapted=False)
     result = adapt_features(model, images, **adapt_options)
     return replace(result, shift=shift)

@@ -37,7 +37,7 @@ from common.calibration import (
     hospital_posteriors,
     log_loss_per_calibration,
     logit,
-    mlls_prevalence,
+    estimated_prevalence,
     sensitivity_at_specificity,
 )
 from common.data import SiteData
@@ -245,7 +245,8 @@ def calibrated_decisions(model, site: SiteData, federation_prevalence: float) ->
     for calibration in CALIBRATIONS:
         at_federation = hospital_posteriors(unlabeled, calibration=calibration, prevalence=federation_prevalence,
                                             federation_prevalence=federation_prevalence)
-        prevalence = known if labelled else mlls_prevalence(at_federation, source_prevalence=federation_prevalence)
+        prevalence = known if labelled else estimated_prevalence(at_federation,
+                                                                 federation_prevalence=federation_prevalence)[0]
         decisions = Decisions.of(hospital_posteriors(test_logits, calibration=calibration, prevalence=prevalence,
                                                      federation_prevalence=federation_prevalence), site.test.labels)
         grids["prevalence-grid"].append(prevalence)

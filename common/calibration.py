@@ -28,6 +28,9 @@ import numpy as np
 CALIBRATIONS = tuple((float(a), float(b)) for a in np.geomspace(0.1, 30.0, 21) for b in np.linspace(-2.5, 2.5, 11))
 # Estimates are kept inside this range: at 0 or 1 a prevalence says nothing about a case.
 PREVALENCE_BOUNDS = (0.01, 0.99)
+# An estimate this close to 0 or 1 is the estimator running away from miscalibrated
+# posteriors (Alexandari et al. 2020), not a prevalence: the federation's is then used.
+TRUSTED_PREVALENCE = (0.02, 0.98)
 
 
 def logit(p: float) -> float:
@@ -65,6 +68,16 @@ def mlls_prevalence(probabilities: np.ndarray, *, source_prevalence: float, iter
             break
         prevalence = updated
     return float(np.clip(prevalence, *PREVALENCE_BOUNDS))
+
+
+def estimated_prevalence(posteriors: np.ndarray, *, federation_prevalence: float) -> tuple[float, str | None]:
+    """MLLS on calibrated posteriors, or the federation's prevalence when the estimate runs
+    to a bound; the second value says why it fell back (None: it did not)."""
+    value = mlls_prevalence(posteriors, source_prevalence=federation_prevalence)
+    if TRUSTED_PREVALENCE[0] < value < TRUSTED_PREVALENCE[1]:
+        return value, None
+    return federation_prevalence, (f"the estimate ran to {value:.2f}: the model's scores are not calibrated for "
+                                   "these images")
 
 
 def bbse_prevalence(predicted_positive: float, *, true_positive_rate: float, false_positive_rate: float) -> float | None:
