@@ -35,11 +35,9 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture
-def small_scenario() -> Scenario:
+def shrunk_default() -> Scenario:
     """The default world, shrunk so a federation round takes well under a second."""
-    scenario = load_scenario()
-    raw = scenario.model_dump(mode="json")
+    raw = load_scenario().model_dump(mode="json")
     for site in raw["data"]["sites"]:
         site["n_samples"] = 200
     raw["federation"]["num_rounds"] = 2
@@ -47,3 +45,18 @@ def small_scenario() -> Scenario:
     raw["training"]["batch_size"] = 32
     raw["training"]["local_epochs"] = 1
     return Scenario.model_validate(raw)
+
+
+@pytest.fixture
+def small_scenario() -> Scenario:
+    return shrunk_default()
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """One finished run of the shrunk default world, shared by the tests that only read it."""
+    from simulations.runner import run_scenario
+
+    run_dir = tmp_path_factory.mktemp("small-run")
+    run_scenario(shrunk_default(), run_dir=run_dir)
+    return run_dir

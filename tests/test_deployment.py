@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from common.certs import CertificateError, generate_deployment_keys
 from simulations.scenario import load_scenario
 from common.provenance.verify import verify_log
-from simulations.datasets import build_site
+from simulations.datasets import build_site, write_reference_set
 from loopback import LoopbackDeployment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +34,7 @@ def test_tls_and_node_auth_topology_runs_a_federation_and_rejects_an_unregistere
         data[name] = tmp_path / "data" / f"{name}.npz"
         build_site(scenario, index).save(data[name])
     run_dir = tmp_path / "run"
+    reference = write_reference_set(scenario, tmp_path / "reference.npz", cases=60)
     with LoopbackDeployment(tmp_path / "deployment", [*hospitals, "intruder"]) as deployment:
         deployment.start_superlink()
         for name in hospitals:
@@ -44,7 +45,8 @@ def test_tls_and_node_auth_topology_runs_a_federation_and_rejects_an_unregistere
         deployment.start_supernode("intruder", data=data["hospital-A"])
         result = deployment.run_app(
             REPO,
-            f'scenario="{SCENARIO}" run-dir="{run_dir}" signing-key="{deployment.keys.provenance_key}"',
+            f'scenario="{SCENARIO}" run-dir="{run_dir}" signing-key="{deployment.keys.provenance_key}" '
+            f'guard-reference="{reference}"',
             timeout_s=600,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -62,6 +64,14 @@ def test_tls_and_node_auth_topology_runs_a_federation_and_rejects_an_unregistere
     status = verify_log(run_dir / "provenance")
     assert status.ok, status.problems
     assert all((run_dir / "hospitals" / name / "checkpoints.jsonl").is_file() for name in hospitals)
+    # The guard ran in deployment, on the reference set the run config named, and said so.
+    assert start["guard"]["mode"] == "reference set" and start["guard"]["reference_set"]["cases"] == 60
+    records = [json.loads(line) for line in (run_dir / "provenance" / "log.jsonl").read_text().splitlines()]
+    round_one = next(r["body"] for r in records if r["kind"] == "round")
+    assert round_one["guard"]["direction"] == "ran on 60 reference cases (reference.npz, sha256 " + \
+        start["guard"]["reference_set"]["sha256"][:12] + ")"
+    assert set(round_one["verdicts"]) == {"hospital-A", "hospital-B", "hospital-C"}
+    assert (run_dir / "anomalies" / "round-001.json").is_file()
 
 
 def test_certs_are_usable_and_secrets_private(tmp_path):
