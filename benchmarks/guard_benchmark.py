@@ -281,8 +281,9 @@ def part_attacks(phase: str, out: Path, rules: tuple[str, ...], sizes: tuple[int
                         try:
                             row = attack_row(raw, family, rule, seed, reference, oracles[key])
                         except Exception as error:  # noqa: BLE001 - a rule that cannot run here is a row, not a crash
+                            reason = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
                             row = {"family": family, "rule": rule, "seed": seed, "n": n,
-                                   "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+                                   "error": f"{type(error).__name__}: {reason.splitlines()[0][:160]}"}
                         row |= {"part": part, "phase": phase}
                         _append(out, row)
                         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
@@ -394,6 +395,65 @@ def part_cost(out: Path) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _cell(value, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def summarise(rows: list[dict], phase: str) -> None:
+    """The tables RESULTS.md copies: per attack family and rule, then the targets."""
+    attacks = [r for r in rows if r.get("part") in ("attacks", "sizes") and r.get("phase") == phase]
+    if attacks:
+        print(f"\n{phase}: attacks (mean over seeds {sorted({r['seed'] for r in attacks})}; TPR per attacker-round "
+              "from the attack's start; in 2: attackers flagged within 2 rounds; FPR: honest hospital-rounds "
+              "excluded; gap: honest AUROC below FedAvg without the attackers; added: backdoor success added)")
+        print(f"{'family':<27}{'n':>3} {'rule':<16}{'TPR':>7}{'in 2':>7}{'FPR':>7}{'gap':>8}{'added':>8}")
+        keys = sorted({(r["family"], r["n"], r["rule"]) for r in attacks},
+                      key=lambda k: (k[0], k[1], RULES.index(k[2]) if k[2] in RULES else 99))
+        for family, n, rule in keys:
+            chosen = [r for r in attacks if (r["family"], r["n"], r["rule"]) == (family, n, rule)]
+            if any("error" in r for r in chosen):
+                reason = chosen[0].get("error", "")
+                reason = "Bulyan needs n >= 4f + 3 hospitals" if "ValidationError: 1 validation" in reason else reason
+                print(f"{family:<27}{n:>3} {rule:<16} cannot run here: {reason[:70]}")
+                continue
+            cells = [_cell(_mean(r.get(k) for r in chosen)) for k in ("tpr", "flagged-in-2", "fpr", "oracle-gap",
+                                                                          "added-backdoor")]
+            print(f"{family:<27}{n:>3} {rule:<16}" + "".join(f"{c:>7} " if i < 3 else f"{c:>8}"
+                                                              for i, c in enumerate(cells)))
+        guard = [r for r in attacks if r["rule"] in ("guard", "guard+reference") and "error" not in r]
+        for rule in ("guard", "guard+reference"):
+            mine = [r for r in guard if r["rule"] == rule]
+            if not mine:
+                continue
+            families = sorted({r["family"] for r in mine})
+            met = [f for f in families if _mean(r["tpr"] for r in mine if r["family"] == f) >= 0.9
+                   and _mean(r["flagged-in-2"] for r in mine if r["family"] == f) >= 1.0]
+            print(f"{rule}: TPR >= 0.9 with every attacker flagged within 2 rounds in {len(met)} of {len(families)} "
+                  f"families ({', '.join(met) or 'none'}); largest FPR {max(r['fpr'] for r in mine):.3f}; largest "
+                  f"gap {max(r['oracle-gap'] for r in mine):.3f}; largest added backdoor "
+                  f"{_cell(max((r.get('added-backdoor', -1) for r in mine), default=math.nan))}")
+    benign = [r for r in rows if r.get("part") == "benign" and r.get("phase") == phase]
+    if benign:
+        print(f"\n{phase}: benign heterogeneity, no attacker (guard data-free / with a reference set)")
+        print(f"{'case':<20}{'n':>3}{'seed':>5}{'excluded':>10}{'excl. ref':>10}{'shortened':>10}"
+              f"{'affected AUROC guard':>22}{'FedAvg':>8}")
+        for r in benign:
+            print(f"{r['case']:<20}{r['n']:>3}{r['seed']:>5}{r['honest-excluded']:>10}"
+                  f"{r.get('honest-excluded-reference', 'n/a'):>10}{r['shortened-share']:>10.3f}"
+                  f"{_cell(r['affected-auroc-guard']):>22}{_cell(r['affected-auroc-fedavg']):>8}")
+        total = sum(r["honest-excluded"] + r.get("honest-excluded-reference", 0) for r in benign)
+        print(f"honest hospital-rounds excluded over the whole benign suite: {total} (target: 0)")
+    for r in rows:
+        if r.get("part") == "cost" and phase == "heldout":
+            print(f"\ncost, 10 hospitals, one process: guard {r['guard-seconds-per-round']:.3f} s a round against "
+                  f"{r['fedavg-round-seconds']:.3f} s for a whole FedAvg round: {r['overhead']:.1%} (target <= 25%); "
+                  f"a guarded round took {r['guarded-round-seconds']:.3f} s")
+        if r.get("part") == "memory" and phase == "heldout":
+            print(f"{r['parameters']:,}-parameter model (ResNet-18 size), {r['clients']} updates: the guard took "
+                  f"{r['guard-seconds']:.2f} s and peaked at {r['guard-peak-mib']:.0f} MiB of Python allocations "
+                  f"(the updates themselves: {r['updates-mib']:.0f} MiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=("tuning", "heldout"), required=True)
@@ -401,10 +461,14 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--families", nargs="+", default=None, choices=sorted(ATTACKS))
     parser.add_argument("--out", type=Path, default=None, help="JSONL of rows (default: /tmp/guard-<phase>.jsonl)")
+    parser.add_argument("--summary-only", action="store_true", help="print the tables from --out, run nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out or Path(f"/tmp/guard-{args.phase}.jsonl")
     families = tuple(args.families) if args.families else (TUNING_ATTACKS if args.phase == "tuning" else HELDOUT_ATTACKS)
+    if args.summary_only:
+        summarise(_done(out), args.phase)
+        return
     for part in args.part:
         if part == "attacks":
             part_attacks(args.phase, out, tuple(args.rules), (10,), families)
@@ -415,6 +479,7 @@ def main() -> None:
             part_benign(args.phase, out)
         elif part == "cost":
             part_cost(out)
+    summarise(_done(out), args.phase)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@ Training hospitals report the first two moments of the global model's features o
 training images at the last round; the server pools them into the run folder. A new
 hospital compares its own moments against them before `causalfed adapt`: where the model
 sees its images as it saw the federation's, there is no acquisition shift to undo, and
-adapting anyway only sharpens the model on noise (it cost 0.09 AUROC in the adapt
-benchmark under a low-dose scanner that the model already handled). Numpy only; the
-moments themselves come from ``client.task.feature_moments``.
+adapting anyway only sharpens the model on noise. Numpy only; the moments themselves come
+from ``client.task.feature_moments``.
 """
 
 from __future__ import annotations

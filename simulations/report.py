@@ -97,8 +97,8 @@ def _site_rows(history: dict[str, Any], scenario: Scenario, selected: int) -> li
         rows.append([
             site.name, site.role, site.correlation, site.prevalence,
             at_selected.get("val-auroc") if site.role == "train" else None,
-            at_selected.get("test-auroc"), at_final.get("test-auroc"), at_final.get("test-accuracy"),
-            _epsilon_spent(history, site.name),
+            at_selected.get("test-auroc"), at_final.get("test-auroc"), at_final.get("test-cal-accuracy"),
+            at_final.get("test-cal-ece"), at_final.get("prevalence-used"), _epsilon_spent(history, site.name),
         ])
     return rows
 
@@ -250,8 +250,11 @@ rounds), by the objective's own value (the default, marked in the plots) or by A
 the held-out hospital plays no part in either choice.</p>
 {_table(["model", "i.i.d. AUROC", "o.o.d. AUROC", "worst training site"], summary_rows)}
 <h2>Per hospital</h2>
+<p>Accuracy and ECE are the final model's decisions, calibrated on the training hospitals' validation cases,
+at each hospital's prevalence: known from its training labels, or estimated from its images where it has none.</p>
 <div id="hospitals">{_table(["hospital", "role", "shortcut correlation", "prevalence", "val AUROC (selected)",
-         "test AUROC (selected)", "test AUROC (final)", "test accuracy (final)", "DP epsilon spent"],
+         "test AUROC (selected)", "test AUROC (final)", "calibrated accuracy (final)", "ECE (final)",
+         "prevalence used", "DP epsilon spent"],
         _site_rows(history, scenario, selected))}</div>
 <img src="data:image/png;base64,{auroc_png}" alt="AUROC per round">
 <img src="data:image/png;base64,{loss_png}" alt="training risk per round">

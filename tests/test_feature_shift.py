@@ -87,8 +87,9 @@ def test_a_federation_writes_its_training_hospitals_pooled_feature_moments(small
 
     run_scenario(small_scenario, run_dir=tmp_path)
     saved = json.loads((tmp_path / FEATURE_MOMENTS_FILE).read_text())
-    model = new_model(seed=0)
-    model.load_state_dict(torch.load(tmp_path / "model.pt"))
+    from client.models import model_for_state
+
+    model = model_for_state(torch.load(tmp_path / "model.pt"))
     sites = [build_site(small_scenario, i) for i in range(len(small_scenario.data.sites))]
     training = [site for site in sites if site.role == "train"]
     expected = pool_moments([feature_moments(model, site.train.images) for site in training])
