@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from client.models import model_for_state
-from server.explain import MECHANISMS, explain_change
+from server.explain import explain_change
 from simulations.datasets import build_site
 from simulations.runner import run_scenario
 from simulations.scenario import SimulationScenario, parse_scenario

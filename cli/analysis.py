@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.output import UserError, console
+from cli.output import UserError
 from common.feature_shift import SMALL_EFFECT
 
 

@@ -237,7 +237,7 @@ class CausalFedAvg(FedAvg):
     def _judge(self, server_round: int, replies: list[Message]) -> list[Message]:
         sites = [self._site(r) for r in replies]
         sketches, samples, norms, steps = measure_replies(self.guard, replies, self._sent)
-        direction, basis = None, ""
+        direction = None
         if self.reference is not None and self.trainer is not None:
             cases = int(np.median([int(r.content.metric_records[METRICS_KEY]["num-examples"]) for r in replies]))
             rng = np.random.default_rng([self.seed, server_round, 7])
@@ -245,12 +245,12 @@ class CausalFedAvg(FedAvg):
             def train(split, seed):
                 return self.guard.sketch(self.trainer.update(self._sent, split, seed=seed, server_round=server_round))
 
+            source = (f"{len(self.reference.split)} reference cases ({self.reference.path.name}, "
+                      f"sha256 {self.reference.sha256[:12]})")
             direction = direction_evidence(sketches, train, self.reference.split, cases=max(cases, 2),
-                                           trainings=self.guard.config.reference_trainings, rng=rng)
-            basis = (f"{len(self.reference.split)} reference cases ({self.reference.path.name}, "
-                     f"sha256 {self.reference.sha256[:12]})")
+                                           trainings=self.guard.config.reference_trainings, rng=rng, source=source)
         judgement = self.guard.judge(server_round, sites, sketches, samples, norms, steps, direction=direction,
-                                     private=self.private, direction_basis=basis)
+                                     private=self.private)
         if self.report_dir is not None:
             write_round_report(self.report_dir, judgement)
         self._record_judgement(server_round, judgement)

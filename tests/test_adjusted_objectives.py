@@ -18,7 +18,7 @@ from client.models import (
     strata_index,
 )
 from client.objectives import build_objective
-from client.task import evaluate, split_strata, train_locally
+from client.task import evaluate, train_locally
 from common.config import ScenarioError
 from simulations.scenario import load_scenario, parse_scenario
 from common.protocol import ARRAYS_KEY

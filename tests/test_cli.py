@@ -3,8 +3,6 @@ secret ever printed, preflight before any run folder, a log verify that says wha
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, Message, MetricRecord
+from flwr.app import Array, Message
 
 from client.app import build_client_app
 from simulations.sites import ScenarioSites

@@ -16,7 +16,6 @@ to (``GuardConfig``), whether it flagged, and why in one line.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -48,6 +47,10 @@ class Detector(ABC):
 
     @abstractmethod
     def inspect(self, view: RoundView, config: GuardConfig) -> list[Finding]: ...
+
+    def basis(self, view: RoundView) -> str:
+        """What it judged this round, for the report and the provenance log."""
+        return f"ran on {len(view.clients)} updates"
 
     def _findings(self, view: RoundView, values, flagged, threshold: float, reasons, *,
                   source: str | None = None) -> list[Finding]:
@@ -110,6 +113,11 @@ class Copy(Detector):
 
     def unavailable(self, view, config):
         return None if len(view.clients) >= 2 or view.memory.previous else "off: a single update"
+
+    def basis(self, view):
+        if not view.memory.previous:
+            return super().basis(view)
+        return f"ran on {len(view.clients)} updates and {len(view.memory.previous)} of round {view.memory.previous_round}"
 
     def inspect(self, view, config):
         n, lengths = len(view.clients), np.linalg.norm(view.sketches, axis=1)
@@ -210,6 +218,9 @@ class Reversal(Detector):
     name = "reversal"
     question = "did it turn against its own recent training (a hospital that behaved, then strikes)?"
 
+    def basis(self, view):
+        return "ran on each hospital's own accepted updates"
+
     def inspect(self, view, config):
         n = len(view.clients)
         values, reasons = np.full(n, np.nan), ["no accepted update of its own in recent rounds"] * n
@@ -237,6 +248,9 @@ class Direction(Detector):
 
     def unavailable(self, view, config):
         return None if view.direction is not None else "off: no reference set (data-free mode)"
+
+    def basis(self, view):
+        return f"ran on {view.direction.source}"
 
     def inspect(self, view, config):
         evidence = view.direction

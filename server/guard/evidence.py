@@ -22,6 +22,7 @@ class DirectionEvidence:
     cosines: np.ndarray
     errors: np.ndarray
     cases: int  # reference cases it was measured on
+    source: str = "the reference set"  # which cases, for reports (file and hash)
 
 
 @dataclass

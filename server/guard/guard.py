@@ -85,7 +85,6 @@ class Guard:
         *,
         direction: DirectionEvidence | None = None,
         private: bool = False,
-        direction_basis: str = "",
     ) -> RoundJudgement:
         """Verdicts for this round's clients; commits what the memory keeps of the round."""
         view = RoundView(server_round, list(clients), sketches, samples, np.asarray(norms, dtype=np.float64),
@@ -101,7 +100,7 @@ class Guard:
                 continue
             for i, finding in enumerate(detector.inspect(view, self.config)):
                 per_client[i].append(finding)
-            ran[name] = self._basis(name, view, direction_basis)
+            ran[name] = detector.basis(view)
         median = float(np.median(view.norms)) if len(clients) else 0.0
         bounds = self.config.clip_ratio * median * step_allowance(view.steps) if len(clients) else np.zeros(0)
         verdicts = []
@@ -112,16 +111,6 @@ class Guard:
             verdicts.append(Verdict(client, excluded, scale, tuple(per_client[i])))
         self._remember(view, verdicts)
         return RoundJudgement(server_round, verdicts, ran, median)
-
-    @staticmethod
-    def _basis(name: str, view: RoundView, direction_basis: str) -> str:
-        if name == Direction.name:
-            return f"ran on {direction_basis or 'the reference set'}"
-        if name in ("copy",) and view.memory.previous:
-            return f"ran on {len(view.clients)} updates and {len(view.memory.previous)} of round {view.memory.previous_round}"
-        if name == "reversal":
-            return "ran on each hospital's own accepted updates"
-        return f"ran on {len(view.clients)} updates"
 
     def _remember(self, view: RoundView, verdicts: list[Verdict]) -> None:
         memory = self.memory

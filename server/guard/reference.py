@@ -81,7 +81,7 @@ SketchedTraining = Callable[[Split, int], np.ndarray]
 
 def direction_evidence(
     sketches: np.ndarray, train: SketchedTraining, split: Split, *, cases: int, trainings: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator, source: str = "the reference set",
 ) -> DirectionEvidence:
     """Each client's cosine with the balanced reference trainings, less the prevalence
     direction, and its jackknife error over the trainings."""
@@ -94,4 +94,4 @@ def direction_evidence(
                             - updates(LOW_PREVALENCE, EXTREME_TRAININGS).mean(axis=0))
     balanced = without_direction(updates(BALANCED, trainings), prevalence_direction)
     cosines, errors = jackknife_cosines(without_direction(sketches, prevalence_direction), balanced)
-    return DirectionEvidence(cosines, errors, len(split))
+    return DirectionEvidence(cosines, errors, len(split), source)
