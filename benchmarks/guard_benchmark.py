@@ -182,7 +182,8 @@ def detection(reports: list[dict], attackers: list[str], start: int) -> dict:
 
 def shortenings(reports: list[dict], hospitals: list[str]) -> dict[str, float]:
     """Per hospital, the share of its rounds in which the guard shortened its update."""
-    rounds = {h: [v["clip_scale"] < 1 for r in reports for v in r["verdicts"] if v["client"] == h] for h in hospitals}
+    rounds = {h: [not v["excluded"] and v["clip_scale"] < 1 for r in reports for v in r["verdicts"] if v["client"] == h]
+              for h in hospitals}
     return {h: float(np.mean(r)) if r else 0.0 for h, r in rounds.items()}
 
 
