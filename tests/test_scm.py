@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.config import ScenarioError
+from common.data import SPLITS
 from simulations.scenario import load_scenario
 from simulations.scm import TAG_PATTERN, make_site, simulate_cases
 
@@ -85,3 +87,32 @@ def test_default_heldout_site_reverses_the_shortcut():
         labels = np.concatenate([data.train.labels, data.val.labels, data.test.labels])
         tags = np.concatenate([data.train.confounders["tag"], data.val.confounders["tag"], data.test.confounders["tag"]])
         assert _within(float(np.mean(tags == labels)), site.correlation, len(labels))
+
+
+def test_each_hospital_sets_its_own_confounder_strengths_and_what_it_records():
+    from simulations.scenario import parse_scenario
+
+    raw = load_scenario("confounded").model_dump(mode="json")
+    raw["data"]["sites"][0] |= {"correlation": 0.9, "correlations": {"noise": 0.5}, "recorded": ["tag"]}
+    scenario = parse_scenario(raw)
+    site = make_site(scenario.data, 0, seed=3)
+    states = {name: np.concatenate([site.split(s).confounders[name] for s in SPLITS]) for name in ("tag", "noise")}
+    labels = np.concatenate([site.split(s).labels for s in SPLITS])
+    assert np.mean(states["tag"] == labels) == pytest.approx(0.9, abs=0.04)
+    assert np.mean(states["noise"] == labels) == pytest.approx(0.5, abs=0.05)
+    assert set(site.train.recorded) == {"tag"}  # denoising and noise exist, unrecorded
+    raw["data"]["sites"][0]["recorded"] = ["sex"]
+    with pytest.raises(ScenarioError, match="does not activate"):
+        parse_scenario(raw)
+
+
+@pytest.mark.parametrize("objective", ["backdoor-strata", "strata-subspace", "subspace", "backdoor-strata-vrex"])
+def test_a_world_without_confounders_runs_the_strata_objectives(objective, small_scenario):
+    from simulations.runner import run_scenario
+
+    raw = small_scenario.model_dump(mode="json")
+    raw["data"]["confounders"] = []
+    raw["training"] |= {"objective": objective, "objective_params": {}}
+    raw["federation"]["num_rounds"] = 1
+    history = run_scenario(type(small_scenario).model_validate(raw))
+    assert history["rounds"][-1]["sites"]["hospital-X"]["test-auroc"] >= 0.0
