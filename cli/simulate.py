@@ -92,13 +92,13 @@ def _finish(run_dir: Path, scenario, result) -> None:
     from common.provenance.verify import verify_log
     from simulations.report import write_report
     from simulations.selection import summarise_run
-    from simulations.verdict import method_result, verdict_lines
+    from simulations.verdict import method_result, reverses_a_shortcut, verdict_lines
 
     results = [method_result(scenario.training.objective, result.history)]
     if result.baseline is not None:
         results.append(method_result("FedAvg-ERM", result.baseline))
     console.print("[bold]verdict[/bold]")
-    for line in verdict_lines(results):
+    for line in verdict_lines(results, reversed_shortcut=reverses_a_shortcut(scenario)):
         console.print(f"  {line}")
     report = write_report(run_dir, result.history, scenario, result.baseline)
     status = verify_log(run_dir / PROVENANCE_DIR)

@@ -203,12 +203,13 @@ def _onboarding_section(run_dir: Path) -> str:
 
 
 def _verdict_section(history: dict[str, Any], scenario: Scenario, baseline: dict[str, Any] | None) -> str:
-    from simulations.verdict import method_result, verdict_lines
+    from simulations.verdict import method_result, reverses_a_shortcut, verdict_lines
 
     results = [method_result(scenario.training.objective, history)]
     if baseline is not None:
         results.append(method_result("FedAvg-ERM", baseline))
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in verdict_lines(results))
+    lines = verdict_lines(results, reversed_shortcut=reverses_a_shortcut(scenario))
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     return (f"<h2 id=\"verdict\">Verdict</h2><ul class=\"verdict\">{items}</ul>"
             "<p>Held-out: hospitals that never trained, where the shortcuts may be reversed; i.i.d.: the training "
             "hospitals' own held-back patients. Final models.</p>")

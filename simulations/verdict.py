@@ -38,9 +38,12 @@ class MethodResult:
     heldout_auroc: float
     iid_auroc: float
 
-    def words(self, thresholds: VerdictThresholds) -> str:
+    def words(self, thresholds: VerdictThresholds, *, reversed_shortcut: bool = True) -> str:
         if not math.isfinite(self.heldout_auroc):
             return "was not evaluated at a held-out hospital"
+        if not reversed_shortcut:  # nothing to avoid: say how well it ranks there
+            return "ranks the held-out hospital's patients well" if self.heldout_auroc >= thresholds.avoided else \
+                "ranks the held-out hospital's patients poorly"
         if self.heldout_auroc >= thresholds.avoided:
             return "avoided the shortcut"
         if self.heldout_auroc < thresholds.followed:
@@ -54,11 +57,24 @@ def method_result(label: str, history: dict) -> MethodResult:
     return MethodResult(label, last["ood-auroc"], last["iid-auroc"])
 
 
-def verdict_lines(results: list[MethodResult], thresholds: VerdictThresholds | None = None) -> list[str]:
+def reverses_a_shortcut(scenario) -> bool:
+    """Whether some held-out hospital's confounder links to the label against the training
+    hospitals' (where it is below 0.5 and theirs above)."""
+    data = scenario.data
+    for confounder in data.confounders:
+        trained = [s.correlation_of(confounder) for s in data.train_sites]
+        held = [s.correlation_of(confounder) for s in data.sites if s.role == "heldout"]
+        if held and min(held) < 0.5 < max(trained):
+            return True
+    return False
+
+
+def verdict_lines(results: list[MethodResult], thresholds: VerdictThresholds | None = None, *,
+                  reversed_shortcut: bool = True) -> list[str]:
     """One sentence per method, the scenario's method first, then the comparison."""
     thresholds = thresholds or VerdictThresholds()
-    lines = [f"{r.label}: held-out AUROC {r.heldout_auroc:.3f} (i.i.d. {r.iid_auroc:.3f}): {r.words(thresholds)}"
-             for r in results]
+    lines = [f"{r.label}: held-out AUROC {r.heldout_auroc:.3f} (i.i.d. {r.iid_auroc:.3f}): "
+             f"{r.words(thresholds, reversed_shortcut=reversed_shortcut)}" for r in results]
     if len(results) == 2 and all(math.isfinite(r.heldout_auroc) for r in results):
         gain = results[0].heldout_auroc - results[1].heldout_auroc
         lines.append(f"{results[0].label} {'gains' if gain >= 0 else 'loses'} {abs(gain):.3f} held-out AUROC over "
