@@ -36,12 +36,16 @@ def run_explain(run_dir: Path, scenario, site: str) -> None:
         cells = [f"{a.shares[m]:+.3f} [{a.intervals[m][0]:+.3f}, {a.intervals[m][1]:+.3f}]" for m in MECHANISMS]
         table.add_row(NAMES[a.metric], f"{a.source:.3f}", f"{a.target:.3f}", *cells, a.leading, f"{a.outside:+.3f}")
     console.print(table)
+    mechanism, measure = explanation.headline
+    console.print(f"[bold]leads: {mechanism}[/] (read from the {NAMES[measure]}; the first measure that can tell, "
+                  "in the order error rate, AUROC, log-loss)")
     console.print("The shares add up to the change; 'outside source support' is how much of the acquisition's effect "
                   "the training hospitals' cases could not show.")
     check = explanation.prevalence
     console.print(f"prevalence at {site}: {check.known:.3f} by its labels; from its images alone {check.mlls:.3f} (MLLS)"
                   + (f", {check.bbse:.3f} (BBSE)" if check.bbse is not None else ""))
     out = run_dir / f"explain-{site}.json"
-    atomic_write_text(out, json.dumps({"attributions": [a.as_dict() for a in explanation.attributions],
+    atomic_write_text(out, json.dumps({"leads": explanation.headline[0], "read-from": explanation.headline[1],
+                                       "attributions": [a.as_dict() for a in explanation.attributions],
                                        "prevalence": vars(check)}, indent=1))
     console.print(f"written: {out}")

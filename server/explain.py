@@ -48,6 +48,10 @@ OUTSIDE = "outside source support"
 WEIGHT_CLIP = (0.02, 50.0)  # importance weights beyond this are noise, not signal
 BOOTSTRAP = 30
 INTERVAL = (5.0, 95.0)  # percentiles of the bootstrap: a 90% interval
+# The headline reads the decision first (error at the hospital's threshold), then the
+# ranking, then log-loss: the first measure whose leader is clear speaks. Chosen on the
+# explain benchmark's tuning cases (see benchmarks/RESULTS.md).
+HEADLINE_ORDER = ("error", "auroc", "log-loss")
 
 
 @dataclass(frozen=True)
@@ -412,10 +416,26 @@ class PrevalenceCheck:
     bbse: float | None
 
 
+def headline_mechanism(leaders: dict[str, str], order: Sequence[str] = HEADLINE_ORDER) -> tuple[str, str]:
+    """(mechanism, measure): the leader of the first measure in ``order`` that can tell,
+    else the last measure's "cannot tell"."""
+    present = [metric for metric in order if metric in leaders]
+    if not present:
+        raise ValueError(f"no leader for any of {', '.join(order)}")
+    for metric in present:
+        if not leaders[metric].startswith("cannot tell"):
+            return leaders[metric], metric
+    return leaders[present[-1]], present[-1]
+
+
 @dataclass(frozen=True)
 class Explanation:
     attributions: list[Attribution]
     prevalence: PrevalenceCheck
+
+    @property
+    def headline(self) -> tuple[str, str]:
+        return headline_mechanism({a.metric: a.leading for a in self.attributions})
 
 
 def explain_change(

@@ -13,6 +13,7 @@ from server.explain import (
     coalition_values,
     estimate_mechanism_weights,
     fit_federated_logistic,
+    headline_mechanism,
     leading_mechanism,
     logistic_loss_and_grad,
     metric_value,
@@ -81,6 +82,16 @@ def test_overlapping_intervals_say_cannot_tell():
     assert leading_mechanism({"prevalence": 0.11, "acquisition": 0.015, "association": 0.0}, draws) == "prevalence"
 
 
+def test_the_headline_is_the_first_measure_that_can_tell():
+    unsure = "cannot tell (prevalence or association)"
+    assert headline_mechanism({"error": unsure, "auroc": "acquisition", "log-loss": "prevalence"}) == (
+        "acquisition", "auroc")
+    assert headline_mechanism({"error": "prevalence", "auroc": unsure, "log-loss": unsure}) == ("prevalence", "error")
+    assert headline_mechanism({"error": unsure, "auroc": unsure, "log-loss": unsure}) == (unsure, "log-loss")
+    with pytest.raises(ValueError):
+        headline_mechanism({})
+
+
 def test_cli_explains_a_run_and_refuses_unknown_hospitals(small_scenario, tmp_path):
     from typer.testing import CliRunner
 
@@ -94,6 +105,7 @@ def test_cli_explains_a_run_and_refuses_unknown_hospitals(small_scenario, tmp_pa
     assert {a["metric"] for a in saved["attributions"]} == {"auroc", "error", "log-loss"}
     assert set(saved["attributions"][0]["shares"]) == set(MECHANISMS)
     assert OUTSIDE in saved["attributions"][0]["intervals"] and "known" in saved["prevalence"]
+    assert saved["read-from"] in {"auroc", "error", "log-loss"} and "leads:" in result.output
 
 
 def test_what_lies_outside_source_support_shrinks_as_the_density_ratios_improve():
