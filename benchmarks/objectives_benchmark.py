@@ -136,14 +136,14 @@ def world_jobs(worlds: dict[str, tuple[int, ...]], methods: list[str]) -> list:
     return [(m, world(w, s), {"part": "worlds"}) for w, seeds in worlds.items() for s in seeds for m in methods]
 
 
-def ablation_jobs(seeds: tuple[int, ...]) -> list:
+def ablation_jobs(seeds: tuple[int, ...], methods: list[str]) -> list:
     jobs = []
     for seed in seeds:
         base = world("confounded", seed)
         for removed in [(name,) for name in base.data.confounders] + [tuple(base.data.confounders)]:
             label = "none recorded" if len(removed) > 1 else f"{removed[0]} unrecorded"
             jobs += [(m, without_records(base, removed), {"part": "ablation", "removed": label})
-                     for m in METADATA_METHODS]
+                     for m in METADATA_METHODS if m in methods]
     return jobs
 
 
@@ -228,7 +228,7 @@ def main() -> None:
         if "worlds" in args.part:
             _run_all(world_jobs(worlds, args.methods), out)
         if "ablation" in args.part and args.phase == "heldout":
-            _run_all(ablation_jobs(HELDOUT["confounded"]), out)
+            _run_all(ablation_jobs(HELDOUT["confounded"], args.methods), out)
     rows = [r for r in _rows(out) if r["method"] in args.methods and r["world"] in worlds]
     for rule in ("val-auroc", "val-objective"):
         summarise(rows, list(worlds), rule)

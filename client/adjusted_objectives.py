@@ -28,7 +28,6 @@ class _StrataAdjusted(Objective):
 
     architecture = "strata-adjusted"
     needs_strata = True
-    local_prior = True  # each hospital keeps its own P(y | z)
 
     def logits(self, model, images, strata):
         if strata is None:

@@ -221,8 +221,7 @@ def handle_evaluate(message: Message, site: SiteData, context: Context) -> Recor
     for split in EVAL_SPLITS:
         for name, value in evaluate(model, site.split(split), objective, logit_offset=offset).items():
             metrics[eval_metric_key(split, name)] = value
-    for key, value in calibrated_decisions(model, site, instructions.federation_prevalence,
-                                           local_prior=objective.local_prior).items():
+    for key, value in calibrated_decisions(model, site, instructions.federation_prevalence).items():
         metrics[key] = value
     content = RecordDict({METRICS_KEY: metrics})
     if _reports_feature_moments(instructions, site):
@@ -230,21 +229,18 @@ def handle_evaluate(message: Message, site: SiteData, context: Context) -> Recor
     return content
 
 
-def calibrated_decisions(
-    model, site: SiteData, federation_prevalence: float, *, local_prior: bool = False
-) -> dict[str, float | list[float]]:
+def calibrated_decisions(model, site: SiteData, federation_prevalence: float) -> dict[str, float | list[float]]:
     """What the server needs to calibrate this round's model and read off this hospital's
     decisions: for every (scale, bias) of ``common.calibration.CALIBRATIONS``, the
     validation log-loss under this hospital's prevalence, and the test decisions (accuracy,
     balanced accuracy, ECE) at the prevalence it knows (its training labels) or, where it
-    has none (a held-out hospital), estimates from its unlabeled images. With ``local_prior``
-    a training hospital's model already reads its own prevalence and is not shifted again.
-    Aggregates only."""
+    has none (a held-out hospital), estimates from its unlabeled images. The logits are the
+    image's evidence (``predict_logits``), so every model is shifted to the hospital's
+    prevalence the same way. Aggregates only."""
     test_logits = predict_logits(model, site.test.images)
     val_logits = predict_logits(model, site.val.images)
     labelled = site.role == "train" and len(site.train) > 0
     known = (int(site.train.labels.sum()) + 1) / (len(site.train) + 2)
-    own_scale = labelled and local_prior  # its logits are at its own prevalence already
     unlabeled = np.concatenate([val_logits, test_logits])
     grids: dict[str, list[float]] = {"prevalence-grid": [], "test-accuracy-grid": [],
                                      "test-balanced-accuracy-grid": [], "test-ece-grid": []}
@@ -254,13 +250,13 @@ def calibrated_decisions(
         prevalence = known if labelled else estimated_prevalence(at_federation,
                                                                  federation_prevalence=federation_prevalence)[0]
         decisions = Decisions.of(hospital_posteriors(test_logits, calibration=calibration,
-                                                     prevalence=federation_prevalence if own_scale else prevalence,
+                                                     prevalence=prevalence,
                                                      federation_prevalence=federation_prevalence), site.test.labels)
         grids["prevalence-grid"].append(prevalence)
         grids["test-accuracy-grid"].append(decisions.accuracy)
         grids["test-balanced-accuracy-grid"].append(decisions.balanced_accuracy)
         grids["test-ece-grid"].append(decisions.ece)
-    shift = logit(known) - logit(federation_prevalence) if labelled and not own_scale else 0.0
+    shift = logit(known) - logit(federation_prevalence) if labelled else 0.0
     return grids | {
         "val-nll-grid": log_loss_per_calibration(val_logits, site.val.labels, shift=shift).tolist(),
         "test-sens-at-90-spec": sensitivity_at_specificity(test_logits, site.test.labels),

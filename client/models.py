@@ -135,6 +135,12 @@ class StrataAdjustedNet(ChestNet):
         logits = super().forward(images)[:, None] + self.stratum_logit[None]
         return mixture_logit(logits, self.stratum_prior)
 
+    def evidence_logit(self, images: torch.Tensor) -> torch.Tensor:
+        """f(X) alone, what calibration and decisions read. A hospital's own P(Y | z), mixed
+        in, swamps the image where a tag tracks the label (every case on one side of the
+        threshold); its prevalence enters through the prior shift instead."""
+        return super().forward(images)
+
     @torch.no_grad()
     def fit_strata(self, strata: torch.Tensor, labels: torch.Tensor) -> None:
         """P(z) and Laplace-smoothed logit P(Y | z) from one hospital's cases."""

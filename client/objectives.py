@@ -34,9 +34,6 @@ class Objective(ABC):
     # case's recorded stratum.
     architecture: ClassVar[str] = "plain"
     needs_strata: ClassVar[bool] = False
-    # Whether a hospital's own evaluation already reads the label at its own prevalence
-    # (its own P(y | z) kept locally): its decisions then need no prior shift of their own.
-    local_prior: ClassVar[bool] = False
 
     def __init__(
         self, params: ObjectiveParams, *, server_round: int, num_rounds: int | None = None,

@@ -117,12 +117,19 @@ def run_updates(
     return {key: value / max(steps, 1) for key, value in totals.items()} | {"steps": float(steps)}
 
 
+def evidence_reader(model: nn.Module):
+    """The callable giving the logit that calibration and decisions read."""
+    return getattr(model, "evidence_logit", model)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
-    """The model's logits (float64)."""
+    """The logits that calibration and decisions read (float64): the model's
+    ``evidence_logit`` where it has one (strata-adjusted models), else its output."""
     model.eval()
+    read = evidence_reader(model)
     tensor = torch.as_tensor(images, dtype=torch.float32)
-    outputs = [model(tensor[i : i + batch_size]) for i in range(0, len(tensor), batch_size)]
+    outputs = [read(tensor[i : i + batch_size]) for i in range(0, len(tensor), batch_size)]
     return torch.cat(outputs).double().numpy() if outputs else np.zeros(0)
 
 

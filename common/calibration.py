@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The (scale, bias) pairs tried when calibrating: scales log-spaced from 0.1 to 30 (flatten
-# the logit tenfold, or sharpen a barely trained model's thirtyfold), biases from -2.5 to
-# 2.5 logits; 21 x 11 pairs. Each hospital reports its validation log-loss at every pair;
-# the server keeps the pair whose sum over the training hospitals is least.
-CALIBRATIONS = tuple((float(a), float(b)) for a in np.geomspace(0.1, 30.0, 21) for b in np.linspace(-2.5, 2.5, 11))
+# The (scale, bias) pairs tried when calibrating: scales log-spaced from 0.03 to 300 (flatten
+# the logit thirtyfold, or sharpen a barely trained head's evidence three-hundredfold: a
+# strata-adjusted model's own evidence logit is small), biases from -2.5 to 2.5 logits;
+# 29 x 11 pairs. Each hospital reports its validation log-loss at every pair; the server
+# keeps the pair whose sum over the training hospitals is least.
+CALIBRATIONS = tuple((float(a), float(b)) for a in np.geomspace(0.03, 300.0, 29) for b in np.linspace(-2.5, 2.5, 11))
 # Estimates are kept inside this range: at 0 or 1 a prevalence says nothing about a case.
 PREVALENCE_BOUNDS = (0.01, 0.99)
 # An estimate this close to 0 or 1 is the estimator running away from miscalibrated

@@ -40,6 +40,7 @@ from scipy.optimize import minimize
 from scipy.special import expit, logit
 from sklearn.metrics import roc_auc_score
 
+from client.task import evidence_reader
 from common.calibration import bbse_prevalence, hospital_posteriors, mlls_prevalence
 
 MECHANISMS = ("prevalence", "acquisition", "association")
@@ -395,7 +396,8 @@ def representation(model: torch.nn.Module, inputs: np.ndarray, *, calibration: t
         low = torch.cat([maps.mean(dim=2), torch.log(maps.std(dim=2) + 1e-4)], dim=1).double().numpy()
     else:
         low = tensor.reshape(len(tensor), -1).double().numpy()
-    return represent(tensor).double().numpy(), scale * model(tensor).double().numpy() + bias, low
+    evidence = evidence_reader(model)(tensor)  # the logit the calibration was fitted on
+    return represent(tensor).double().numpy(), scale * evidence.double().numpy() + bias, low
 
 
 def standardiser(feature_sets: Sequence[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
