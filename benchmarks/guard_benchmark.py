@@ -11,7 +11,11 @@ the tuning cases only; the held-out cases are run once with them, frozen):
 - held-out: attack families ``HELDOUT_ATTACKS`` (among them the white-box attacks written
   against this guard), benign cases ``*`` (stronger versions of the tuning ones: prevalence
   0.05 and 0.95, a very different scanner, 10x smaller and larger hospitals, late joiners,
-  dropouts, drifting data), seeds 2 and 3, 5 to 50 hospitals.
+  dropouts, drifting data), seeds 2 and 3, 5 to 50 hospitals;
+- a second held-out set, ``heldout2``: the same cases on seeds 4 and 5, 5 to 20 hospitals,
+  declared for version 3 (``unlearnt`` and ``direction`` down-weight instead of excluding)
+  after version 2's held-out benign run excluded honest hospitals on seeds 2 and 3. The
+  tuning attacks are rerun with version 3 to show what the change cost there.
 
 Parts (``--part``):
 
@@ -70,13 +74,14 @@ BACKDOORS = ("backdoor", "norm-matched-backdoor", "direction-matched-backdoor", 
 START_ROUND = {"sleeper": 4}  # when an attack strikes (default: round 1)
 RULES = ("guard", "guard+reference", "fedavg", "krum", "multikrum", "bulyan", "median", "trimmed-mean", "fltrust",
          "flame")
-SEEDS = {"tuning": (0, 1), "heldout": (2, 3)}
-SIZES = {"tuning": (10,), "heldout": (5, 10, 20, 50)}
+SEEDS = {"tuning": (0, 1), "heldout": (2, 3), "heldout2": (4, 5)}
+SIZES = {"tuning": (10,), "heldout": (5, 10, 20, 50), "heldout2": (5, 10, 20)}
 BENIGN = {
     "tuning": ("base", "prevalence_tuning", "scanner_tuning", "size_tuning", "late_tuning", "dropout_tuning",
                "drift_tuning"),
     "heldout": ("prevalence", "scanner", "size", "late", "dropout", "drift"),
 }
+BENIGN["heldout2"] = BENIGN["heldout"]
 
 
 def base_world(n: int, seed: int) -> dict:
@@ -459,7 +464,7 @@ def summarise(rows: list[dict], phase: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=("tuning", "heldout"), required=True)
+    parser.add_argument("--phase", choices=tuple(SEEDS), required=True)
     parser.add_argument("--part", nargs="+", choices=("attacks", "sizes", "benign", "cost"), default=["attacks"])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--families", nargs="+", default=None, choices=sorted(ATTACKS))

@@ -128,6 +128,13 @@ def test_each_attack_is_caught_by_the_detector_that_asks_about_it(kind, detector
     flagged = {v.client: [f.detector for f in v.findings if f.flagged] for v in judgement.verdicts}
     assert detector in flagged["hospital-1"] and detector in flagged["hospital-2"], flagged
     assert all(not flagged[f"hospital-{i}"] for i in range(3, N)), flagged
+    verdicts = {v.client: v for v in judgement.verdicts}
+    if create_detector(detector).excludes:
+        assert verdicts["hospital-1"].excluded and verdicts["hospital-2"].excluded
+    else:  # evidence honest heterogeneity also produced: down-weighted, never excluded
+        alone = all(not create_detector(name).excludes for name in flagged["hospital-1"])
+        assert alone and not verdicts["hospital-1"].excluded
+        assert 0 < verdicts["hospital-1"].clip_scale <= GuardConfig().suspect_weight
 
 
 def test_a_copy_that_cannot_be_told_apart_counts_once_and_a_later_copier_is_excluded():

@@ -45,6 +45,12 @@ class GuardConfig(BaseModel):
         description="boosted: an update longer than this times the round's median length, times sqrt(its "
         "local steps over the median's) when it trained more, is longer than local training explains",
     )
+    suspect_weight: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="the share of its update kept by a hospital that only a down-weighting detector flagged "
+        "(unlearnt, direction): evidence honest heterogeneity can also produce may lessen a hospital's "
+        "say in a round, never silence it",
+    )
     unlearnt_share: float = Field(
         4.0, gt=1.0,
         description="unlearnt: an update whose share of length in the span of the other updates is under this "

@@ -40,6 +40,9 @@ CONSENSUS = "others' statistics"
 class Detector(ABC):
     name: ClassVar[str]
     question: ClassVar[str]  # what it asks, for reports
+    # Whether a flag excludes the update (True) or only down-weights it (``suspect_weight``):
+    # a detector excludes only on evidence no honest heterogeneity produced on held-out cases.
+    excludes: ClassVar[bool] = True
 
     def unavailable(self, view: RoundView, config: GuardConfig) -> str | None:
         """Why this detector cannot judge this round (None: it can)."""
@@ -83,6 +86,9 @@ class Boosted(Detector):
 class Unlearnt(Detector):
     name = "unlearnt"
     question = "was it learnt from cases like the others' (noise is not)?"
+    # Down-weights only: on the held-out benign cases a 10x larger hospital and a hospital
+    # of a 5-hospital federation late in training fell under the share too.
+    excludes = False
 
     def unavailable(self, view, config):
         if view.private:
@@ -245,6 +251,9 @@ class Direction(Detector):
 
     name = "direction"
     question = "does it point against what honest training on the reference cases does?"
+    # Down-weights only: on the held-out benign cases an honest hospital of prevalence 0.95
+    # pointed against training on the (prevalence 0.5) reference cases for six rounds.
+    excludes = False
 
     def unavailable(self, view, config):
         return None if view.direction is not None else "off: no reference set (data-free mode)"

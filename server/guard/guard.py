@@ -1,8 +1,9 @@
 """The guard: every registered detector on every update, verdicts, and the influence bound.
 
-A client is excluded when a detector flags it; every accepted update is shortened to the
-round's bound (``GuardConfig.clip_ratio``), so no hospital, honest or not, moves the model
-by more than a few typical updates. Nothing here looks at prevalence, scanner, size or
+A client is excluded when an excluding detector flags it, and down-weighted
+(``GuardConfig.suspect_weight``) when only a down-weighting one does; every accepted update
+is shortened to the round's bound (``GuardConfig.clip_ratio``), so no hospital, honest or
+not, moves the model by more than a few typical updates. Nothing here looks at prevalence, scanner, size or
 joining time except to allow for them: those are how honest hospitals differ.
 """
 
@@ -105,8 +106,10 @@ class Guard:
         bounds = self.config.clip_ratio * median * step_allowance(view.steps) if len(clients) else np.zeros(0)
         verdicts = []
         for i, client in enumerate(clients):
-            excluded = any(f.flagged for f in per_client[i])
+            excluded = any(f.flagged and DETECTORS[f.detector].excludes for f in per_client[i])
             weight = min((f.weight for f in per_client[i]), default=1.0)
+            if any(f.flagged and not DETECTORS[f.detector].excludes for f in per_client[i]):
+                weight *= self.config.suspect_weight
             scale = 0.0 if excluded else weight * min(1.0, float(bounds[i]) / max(float(view.norms[i]), 1e-300))
             verdicts.append(Verdict(client, excluded, scale, tuple(per_client[i])))
         self._remember(view, verdicts)
