@@ -13,7 +13,8 @@ the tuning cases only; the held-out cases are run once with them, frozen):
   0.05 and 0.95, a very different scanner, 10x smaller and larger hospitals, late joiners,
   dropouts, drifting data), seeds 2 and 3, 5 to 50 hospitals;
 - a second held-out set, ``heldout2``: the same cases on seeds 4 and 5, 5 to 20 hospitals,
-  declared for version 3 (``unlearnt`` and ``direction`` down-weight instead of excluding)
+  declared for version 3 (``unlearnt``, ``crafted`` and ``direction`` down-weight instead of
+  excluding)
   after version 2's held-out benign run excluded honest hospitals on seeds 2 and 3. The
   tuning attacks are rerun with version 3 to show what the change cost there.
 

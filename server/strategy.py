@@ -266,6 +266,9 @@ class CausalFedAvg(FedAvg):
                 continue
             if verdict.excluded:
                 self.auditor.note_verdict(verdict.client, "excluded by the guard: " + "; ".join(verdict.reasons))
+            elif verdict.reasons:
+                self.auditor.note_verdict(verdict.client, f"down-weighted by the guard to {verdict.clip_scale:.3g} of "
+                                          "its length: " + "; ".join(verdict.reasons))
             elif verdict.clip_scale < 1.0:
                 self.auditor.note_verdict(verdict.client, f"accepted, shortened to {verdict.clip_scale:.3g} of its length")
         if self.auditor is not None:

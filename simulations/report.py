@@ -149,14 +149,17 @@ def _anomaly_section(run_dir: Path) -> str:
     if not reports:
         return "<h2 id=\"anomalies\">Anomalies</h2><p>The server guard was off in this run.</p>"
     png = plot_anomaly_graph(reports, run_dir / "anomaly_graph.png")
-    rows = [[r["round"], v["client"], "; ".join(v["reasons"])] for r in reports for v in r["verdicts"] if v["excluded"]]
-    flagged = _table(["round", "hospital", "evidence"], rows) if rows else "<p>No update was excluded.</p>"
+    rows = [[r["round"], v["client"], "excluded" if v["excluded"] else f"kept at {v['clip_scale']:.2g}",
+             "; ".join(v["reasons"])] for r in reports for v in r["verdicts"] if v["reasons"]]
+    flagged = (_table(["round", "hospital", "verdict", "evidence"], rows) if rows
+               else "<p>No detector flagged an update.</p>")
     ran = reports[-1]["detectors"]
     detectors = _table(["detector", "last round"], [[name, text] for name, text in ran.items()])
     return (
         "<h2 id=\"anomalies\">Anomalies (server guard)</h2><p>Every update was inspected before aggregation. "
         "An update is excluded only on evidence that a different prevalence, scanner, size or joining time cannot "
-        "produce; every accepted update is shortened to at most a few typical updates' length. Per-round JSON: "
+        "produce; evidence they can also produce only lowers its weight; every accepted update is shortened to "
+        "at most a few typical updates' length. Per-round JSON: "
         "<code>anomalies/</code>.</p>"
         f"{flagged}{detectors}<img src=\"data:image/png;base64,{png}\" alt=\"anomaly graph\">"
     )

@@ -46,7 +46,7 @@ def guarded_run(tmp_path_factory):
     from simulations.scenario import load_scenario
 
     scenario = load_scenario("guard").with_overrides(
-        federation={"num_rounds": 2}, attack={"name": "gaussian", "malicious": ["hospital-01", "hospital-02"]})
+        federation={"num_rounds": 2}, attack={"name": "ipm", "malicious": ["hospital-01", "hospital-02"]})
     raw = scenario.model_dump(mode="json")
     for site in raw["data"]["sites"]:
         site["n_samples"] = 120
@@ -66,7 +66,7 @@ def test_the_guard_excludes_attackers_and_writes_why(guarded_run):
         assert sorted(report["excluded"]) == ["hospital-01", "hospital-02"]
         assert report["detectors"]["direction"] == "off: no reference set (data-free mode)"
         reasons = {v["client"]: v["reasons"] for v in report["verdicts"]}
-        assert any(reason.startswith("unlearnt:") for reason in reasons["hospital-01"])
+        assert any(reason.startswith("mirror:") for reason in reasons["hospital-01"])
     assert history["rounds"][-1]["sites"]["hospital-01"]["guard-excluded"] == 1.0
 
 
@@ -76,7 +76,7 @@ def test_the_provenance_log_says_what_the_guard_ran_on_and_decided(guarded_run):
     start = records[0]["body"]["guard"]
     assert start["enabled"] and start["mode"] == "data-free" and start["config"]["copy_distance"] > 0
     round_one = records[1]["body"]
-    assert round_one["verdicts"]["hospital-01"].startswith("excluded by the guard: unlearnt")
+    assert round_one["verdicts"]["hospital-01"].startswith("excluded by the guard: mirror")
     assert round_one["guard"]["direction"].startswith("off")
     assert round_one["guard"]["copy"].startswith("ran on")
 

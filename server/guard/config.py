@@ -48,7 +48,7 @@ class GuardConfig(BaseModel):
     suspect_weight: float = Field(
         0.5, gt=0.0, le=1.0,
         description="the share of its update kept by a hospital that only a down-weighting detector flagged "
-        "(unlearnt, direction): evidence honest heterogeneity can also produce may lessen a hospital's "
+        "(unlearnt, crafted, direction): evidence honest heterogeneity can also produce may lessen a hospital's "
         "say in a round, never silence it",
     )
     unlearnt_share: float = Field(

@@ -206,6 +206,9 @@ class Mirror(Detector):
 class Crafted(Detector):
     name = "crafted"
     question = "was it computed from the others' coordinate-wise statistics (ALIE, Min-Max)?"
+    # Down-weights only: on the held-out benign cases an honest hospital of prevalence 0.95
+    # among five reached the regularity (their standard deviations, from four updates, are rough).
+    excludes = False
 
     def unavailable(self, view, config):
         needed = config.min_clients + 1
