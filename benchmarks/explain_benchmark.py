@@ -158,6 +158,9 @@ def summarise(rows: list[dict]) -> None:
     bbse_err = np.array([abs(r["prevalence"]["bbse"] - r["prevalence"]["known"]) for r in rows
                          if r["prevalence"]["bbse"] is not None])
     print(f"right mechanism leads: {right:.1%} (target >= 90%); cannot tell: {unsure:.1%} (target <= 10%)")
+    first = [judged(r["kind"], r["leaders"]["log-loss"]) for r in rows]  # version 1 of the headline rule
+    print(f"  (version 1, log-loss alone: right {np.mean([j['right'] for j in first]):.1%}, cannot tell "
+          f"{np.mean([j['cannot-tell'] for j in first]):.1%})")
     print(f"prevalence from images: MLLS mean abs error {mlls_err.mean():.3f}, max {mlls_err.max():.3f}, "
           f"within 0.10 in {np.mean(mlls_err <= 0.10):.1%}; BBSE mean {bbse_err.mean():.3f}, max {bbse_err.max():.3f}, "
           f"within 0.10 in {np.mean(bbse_err <= 0.10):.1%} (target: error <= 0.10)")
