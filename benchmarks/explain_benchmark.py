@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from client.models import model_for_state
+from common.calibration import CALIBRATION_FILE, IDENTITY_CALIBRATION, read_calibration
 from server.explain import explain_change, headline_mechanism
 from simulations.datasets import build_site
 from simulations.runner import run_scenario
@@ -116,8 +117,8 @@ def target_site(scenario: SimulationScenario, kind: str, strength: int, draw: in
 def trained(scenario: SimulationScenario, folder: Path):
     history = run_scenario(scenario, run_dir=folder)
     model = model_for_state(torch.load(folder / "model.pt"))
-    calibration = json.loads((folder / "calibration.json").read_text())["calibration"] or (1.0, 0.0)
-    return model, tuple(calibration), history
+    calibration = read_calibration(folder / CALIBRATION_FILE)[0] or IDENTITY_CALIBRATION
+    return model, calibration, history
 
 
 def run_case(model, calibration, sources, scenario, kind: str, strength: int, seed: int) -> dict:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cli.output import UserError, console
+from common.calibration import CALIBRATION_FILE, read_calibration
 
 
 def _reference_moments(model_path: Path, explicit: Path | None):
@@ -26,15 +26,13 @@ def _reference_moments(model_path: Path, explicit: Path | None):
 def _run_calibration(model_path: Path) -> tuple[tuple[float, float] | None, float | None]:
     """The model's calibration and the federation's prevalence, from calibration.json
     beside it (None, None without one)."""
-    path = model_path.with_name("calibration.json")
+    path = model_path.with_name(CALIBRATION_FILE)
     if not path.is_file():
         return None, None
     try:
-        saved = json.loads(path.read_text())
-        calibration = tuple(float(v) for v in saved["calibration"]) if saved.get("calibration") else None
-        return calibration, float(saved["federation_prevalence"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not a calibration written by causalfed") from None
+        return read_calibration(path)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def _load_model(model_path: Path, input_shape):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from cli.output import console
+from cli.output import UserError, console
+from common.calibration import CALIBRATION_FILE, IDENTITY_CALIBRATION, read_calibration
 
 NAMES = {"auroc": "AUROC", "error": "error rate at its threshold", "log-loss": "log-loss"}
 
@@ -21,10 +22,13 @@ def run_explain(run_dir: Path, scenario, site: str) -> None:
     from simulations.datasets import build_site, input_shape
 
     model = model_for_state(torch.load(run_dir / "model.pt"), input_shape=input_shape(scenario.data))
-    calibration = (1.0, 0.0)
-    saved = run_dir / "calibration.json"
-    if saved.is_file() and json.loads(saved.read_text()).get("calibration"):
-        calibration = tuple(json.loads(saved.read_text())["calibration"])
+    calibration = IDENTITY_CALIBRATION
+    saved = run_dir / CALIBRATION_FILE
+    if saved.is_file():
+        try:
+            calibration = read_calibration(saved)[0] or IDENTITY_CALIBRATION
+        except ValueError as error:
+            raise UserError(str(error)) from None
     hospitals = [build_site(scenario, i) for i in range(len(scenario.data.sites))]
     sources = [(h.test.images, h.test.labels) for h in hospitals if h.role == "train" and h.name != site]
     target = next(h for h in hospitals if h.name == site)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.task import feature_moments, predict_logits
-from common.calibration import estimated_prevalence, hospital_posteriors, mlls_prevalence
+from common.calibration import IDENTITY_CALIBRATION, estimated_prevalence, hospital_posteriors
 from common.feature_shift import SMALL_EFFECT, FeatureMoments, standardised_shift
 
 @dataclass(frozen=True)
@@ -54,11 +54,6 @@ def estimate_prevalence(
     if fallback is not None:
         return PrevalenceEstimate(value, "federation's prevalence", fallback)
     return PrevalenceEstimate(value, "MLLS on calibrated posteriors")
-
-
-def em_prevalence(probabilities: np.ndarray, *, source_prevalence: float) -> float:
-    """MLLS on posteriors calibrated at ``source_prevalence`` (``common.calibration``)."""
-    return mlls_prevalence(probabilities, source_prevalence=source_prevalence)
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -95,7 +90,7 @@ def adapt_features(
     images: np.ndarray,
     *,
     source_prevalence: float = 0.5,
-    calibration: tuple[float, float] | None = (1.0, 0.0),
+    calibration: tuple[float, float] | None = IDENTITY_CALIBRATION,
     epochs: int = 10,
     batch_size: int = 128,
     learning_rate: float = 1e-4,
@@ -155,7 +150,7 @@ def onboard(
     shift = standardised_shift(feature_moments(model, images), reference)
     if shift < min_shift:
         entropy = float(binary_entropy(_probabilities(model, torch.as_tensor(images, dtype=torch.float32))).mean())
-        prevalence = estimate_prevalence(model, images, calibration=adapt_options.get("calibration", (1.0, 0.0)),
+        prevalence = estimate_prevalence(model, images, calibration=adapt_options.get("calibration", IDENTITY_CALIBRATION),
                                          federation_prevalence=adapt_options.get("source_prevalence", 0.5))
         return AdaptationResult(prevalence, 0, entropy, entropy, shift=shift, adapted=False)
     result = adapt_features(model, images, **adapt_options)

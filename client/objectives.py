@@ -273,6 +273,12 @@ def build_objective(
                             federation=federation)
 
 
+def planned_warmup_rounds(training: TrainingConfig, *, num_rounds: int) -> int:
+    """The rounds a run of ``training`` spends warming up, which model selection skips."""
+    return build_objective(training.objective, training.objective_params, server_round=1,
+                           num_rounds=num_rounds).warmup_rounds
+
+
 
 # Objectives that need federation statistics, and the backdoor adjustments, live in their
 # own modules: importing them registers them (at the end, as they build on the classes above).

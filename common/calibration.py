@@ -12,14 +12,27 @@ label-shift estimation needs), and pi_h
 the hospital's prevalence: known where it has labels, estimated from its unlabeled images
 where it has none (``mlls_prevalence``, ``bbse_prevalence``). Deciding at posterior 0.5 is
 then the accurate decision for that hospital.
+
+Pure numpy, and the one file a run keeps of it: ``calibration.json`` beside ``model.pt``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from common.files import atomic_write_text
+
+# Beside a run's model.pt: the final model's calibration and the federation's prevalence,
+# what a new hospital needs to read the model's scores as its own posteriors.
+CALIBRATION_FILE = "calibration.json"
+# The (scale, bias) that leaves a logit as it is: a model never calibrated, or logits
+# that already are.
+IDENTITY_CALIBRATION = (1.0, 0.0)
 
 # The (scale, bias) pairs tried when calibrating: scales log-spaced from 0.03 to 300 (flatten
 # the logit thirtyfold, or sharpen a barely trained head's evidence three-hundredfold: a
@@ -127,6 +140,22 @@ class Decisions:
         rates = [float(np.mean(called[labels == c] == bool(c))) for c in (0, 1) if (labels == c).any()]
         return cls(float(np.mean(called == labels.astype(bool))), float(np.mean(rates)),
                    expected_calibration_error(probabilities, labels))
+
+
+def write_calibration(path: Path, calibration: tuple[float, float] | None, federation_prevalence: float) -> None:
+    atomic_write_text(path, json.dumps({"calibration": calibration, "federation_prevalence": federation_prevalence},
+                                       indent=1))
+
+
+def read_calibration(path: Path) -> tuple[tuple[float, float] | None, float]:
+    """(the calibration, or None where the run had none; the federation's prevalence) from
+    a file ``write_calibration`` wrote; ValueError naming the file if it is not one."""
+    try:
+        saved = json.loads(path.read_text())
+        calibration = tuple(float(v) for v in saved["calibration"]) if saved.get("calibration") else None
+        return calibration, float(saved["federation_prevalence"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: not a calibration written by causalfed") from None
 
 
 def hospital_posteriors(logits: np.ndarray, *, calibration: tuple[float, float], prevalence: float,

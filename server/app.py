@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log as flwr_log
 
 from client.task import model_for
+from common.calibration import CALIBRATION_FILE, write_calibration
 from common.config import ScenarioError
 from common.feature_shift import FEATURE_MOMENTS_FILE, standardised_shift
 from common.files import atomic_write_text
@@ -27,11 +28,6 @@ from server.history import RunHistory
 from server.resume import STATE_FILE, ServerState, load_resume_point
 from server.strategy import aggregation_options, strategy_class
 from server.training import ServerTrainer
-
-
-# Beside model.pt: the final model's calibration and the federation's prevalence, what a
-# new hospital needs to read the model's scores as its own posteriors (`causalfed adapt`).
-CALIBRATION_FILE = "calibration.json"
 
 
 class FederationError(RuntimeError):
@@ -189,8 +185,7 @@ def run_federation(
     if model_path is not None:
         torch.save(result.arrays.to_torch_state_dict(), model_path)
         moments_sha256 = _save_feature_moments(strategy, model_path.with_name(FEATURE_MOMENTS_FILE))
-        atomic_write_text(model_path.with_name(CALIBRATION_FILE), json.dumps(
-            {"calibration": strategy.calibration, "federation_prevalence": prevalence}, indent=1))
+        write_calibration(model_path.with_name(CALIBRATION_FILE), strategy.calibration, prevalence)
     history.meta["federation-prevalence"] = prevalence
     if auditor is not None:
         end = auditor.end_run(rounds=len(history.rounds), final_arrays=result.arrays,

@@ -41,7 +41,7 @@ from scipy.special import expit, logit
 from sklearn.metrics import roc_auc_score
 
 from client.task import evidence_reader
-from common.calibration import bbse_prevalence, hospital_posteriors, mlls_prevalence
+from common.calibration import IDENTITY_CALIBRATION, bbse_prevalence, hospital_posteriors, mlls_prevalence
 
 MECHANISMS = ("prevalence", "acquisition", "association")
 METRICS = ("auroc", "error", "log-loss")
@@ -445,7 +445,7 @@ def explain_change(
     sources: Sequence[tuple[np.ndarray, np.ndarray]],
     target: tuple[np.ndarray, np.ndarray],
     *,
-    calibration: tuple[float, float] = (1.0, 0.0),
+    calibration: tuple[float, float] = IDENTITY_CALIBRATION,
     metrics: Sequence[str] = METRICS,
     bootstrap: int = BOOTSTRAP,
     seed: int = 0,
@@ -488,7 +488,9 @@ def prevalence_check(sources: Sequence[Party], target: Party) -> PrevalenceCheck
     source_labels = np.concatenate([p.labels for p in sources])
     source_logits = np.concatenate([p.logits for p in sources])
     pi_s = float(source_labels.mean())
-    posteriors = hospital_posteriors(target.logits, calibration=(1.0, 0.0), prevalence=pi_s, federation_prevalence=pi_s)
+    # The parties' logits are calibrated already (``representation``).
+    posteriors = hospital_posteriors(target.logits, calibration=IDENTITY_CALIBRATION, prevalence=pi_s,
+                                     federation_prevalence=pi_s)
     called = source_logits >= 0
     bbse = bbse_prevalence(float(np.mean(target.logits >= 0)), true_positive_rate=float(called[source_labels == 1].mean()),
                            false_positive_rate=float(called[source_labels == 0].mean()))

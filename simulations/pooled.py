@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.objectives import build_objective
+from client.objectives import build_objective, planned_warmup_rounds
 from client.task import evaluate, model_for, train_locally
 from simulations.scenario import SimulationScenario as Scenario
 from common.data import Split
@@ -61,8 +61,7 @@ def run_pooled(scenario: Scenario, *, model_path: Path | None = None) -> dict:
         rounds.append({"round": server_round, "sites": metrics})
     if model_path is not None:
         torch.save(model.state_dict(), model_path)
-    warmup = build_objective(training.objective, training.objective_params, server_round=1,
-                             num_rounds=scenario.federation.num_rounds).warmup_rounds
+    warmup = planned_warmup_rounds(training, num_rounds=scenario.federation.num_rounds)
     meta = {"scenario": scenario.name, "engine": "pooled", "warmup-rounds": warmup,
             "seconds": round(time.monotonic() - started, 1)}
     return {"meta": meta, "rounds": rounds}

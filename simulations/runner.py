@@ -15,7 +15,7 @@ from typing import Iterator
 from flwr.app import Context, RecordDict
 
 from client.app import build_client_app
-from client.objectives import build_objective
+from client.objectives import planned_warmup_rounds
 from common.files import atomic_write_text
 from common.provenance.log import HOSPITALS_DIR, PROVENANCE_DIR, ProvenanceLog, load_or_create_key
 from common.provenance.records import public_pem
@@ -76,12 +76,6 @@ def open_provenance(run_dir: Path) -> ProvenanceLog:
     return ProvenanceLog.open(run_dir / PROVENANCE_DIR, signing_key=key, log_id=run_dir.name)
 
 
-def _warmup_rounds(scenario: Scenario) -> int:
-    training = scenario.training
-    return build_objective(training.objective, training.objective_params, server_round=1,
-                           num_rounds=scenario.federation.num_rounds).warmup_rounds
-
-
 def run_scenario(
     scenario: Scenario,
     *,
@@ -102,7 +96,7 @@ def run_scenario(
         "config-sha256": scenario.digest(),
         "engine": engine,
         "objective": scenario.training.objective,
-        "warmup-rounds": _warmup_rounds(scenario),
+        "warmup-rounds": planned_warmup_rounds(scenario.training, num_rounds=scenario.federation.num_rounds),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     history = RunHistory(

@@ -56,12 +56,13 @@ def test_the_prior_shift_is_bayes_rule():
     assert np.allclose(shifted, odds / (1 + odds))
 
 
-def test_mlls_recovers_a_new_hospitals_prevalence_from_calibrated_posteriors():
-    rng = np.random.default_rng(1)
-    labels = (rng.random(5000) < 0.8).astype(np.int64)
-    evidence = rng.normal(np.where(labels == 1, 1.0, -1.0), 1.0)  # log-likelihood ratio 2 * evidence
-    posteriors_at_half = sigmoid(2.0 * evidence)
-    assert mlls_prevalence(posteriors_at_half, source_prevalence=0.5) == pytest.approx(0.8, abs=0.03)
+def test_mlls_recovers_a_shifted_prevalence_from_calibrated_posteriors():
+    rng = np.random.default_rng(0)
+    labels = rng.random(20_000) < 0.2  # the new hospital: 20% positives
+    # Posteriors calibrated at 50%: logit = evidence, evidence ~ N(+-1.5, 1) by class.
+    evidence = np.where(labels, 1.5, -1.5) + rng.normal(size=labels.size)
+    posteriors = 1 / (1 + np.exp(-2 * 1.5 * evidence))
+    assert mlls_prevalence(posteriors, source_prevalence=0.5) == pytest.approx(0.2, abs=0.02)
 
 
 def test_decisions_at_the_calibrated_threshold():
